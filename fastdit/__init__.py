@@ -1,0 +1,1 @@
+"""fastdit: a regression benchmark suite for inference optimizations of Diffusion Transformers."""
