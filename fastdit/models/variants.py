@@ -1,0 +1,61 @@
+"""The model zoo: one registry of named DiT architectures, keyed by the paper's names ("DiT-S/2", "DiT-XS/4").
+
+A variant fixes the transformer (depth, width, heads, patch); the data it runs on (input size, channels, classes)
+stays a parameter of `create_model`, because the same DiT-S/2 runs on 32x32x4 ImageNet latents or on
+28x28x1 Fashion-MNIST pixels.
+"""
+from .dit import DiT
+
+VARIANTS = {}
+
+_SIZES = {  # name: (depth, hidden_size, num_heads)
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+    "XS": (6, 256, 4),  # arXiv 2509.17894's own size; not in the DiT paper
+}
+
+
+def register_variant(name, *, depth, hidden_size, num_heads, patch_size, description="", **arch):
+    """Add a named architecture. `arch` may fix further DiT arguments (mlp_ratio, attn, mlp, ...)."""
+    if name in VARIANTS:
+        raise ValueError(f"variant {name!r} is already registered")
+    VARIANTS[name] = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size,
+                          description=description, **arch)
+
+
+for _size, (_depth, _hidden, _heads) in _SIZES.items():
+    for _patch in (2, 4, 8):
+        _paper = "arXiv 2509.17894" if _size == "XS" else "DiT paper"
+        register_variant(f"DiT-{_size}/{_patch}", depth=_depth, hidden_size=_hidden, num_heads=_heads,
+                         patch_size=_patch, description=_paper)
+
+
+def variant_config(name):
+    """The architecture arguments of a registered variant (without its description)."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}. "
+                       "Run `fastdit models` to list them, or register one with "
+                       "fastdit.models.register_variant(name, depth=, hidden_size=, num_heads=, patch_size=).")
+    return {k: v for k, v in VARIANTS[name].items() if k != "description"}
+
+
+def create_model(name, *, input_size=32, in_channels=4, num_classes=1000, **overrides):
+    """Build a registered variant for the given data shape; `overrides` replace any architecture argument."""
+    arch = variant_config(name)
+    arch.update(overrides)
+    return DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **arch)
+
+
+def find_variant(config):
+    """The registered name whose architecture matches a model config, or None."""
+    for name in VARIANTS:
+        arch = variant_config(name)
+        defaults = dict(mlp_ratio=4.0, attn="mha", mlp="mlp")
+        want = {**defaults, **arch}
+        if all(config.get(k, defaults.get(k)) == v for k, v in want.items()):
+            if config.get("attn_kwargs", {}) == arch.get("attn_kwargs", {}) and \
+                    config.get("mlp_kwargs", {}) == arch.get("mlp_kwargs", {}):
+                return name
+    return None
