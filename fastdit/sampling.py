@@ -1,0 +1,134 @@
+"""Class-conditional sampling with per-sample seeds, classifier-free guidance and image export.
+
+Sample i of a run is a function of (seed, i) only: its label, its starting noise and the noise of every denoising step
+come from generators seeded by (seed, i), drawn on the CPU whatever the device.
+
+The network itself is exact only batch by batch: matrix kernels round differently for other shapes, and multi-threaded
+CPU kernels even for another row position. So work is shared between processes in whole batches (`shard`): a batch
+holds the same samples at the same positions however many processes run, and every image is bit-identical to a
+one-process run (same device kind and thread count). Other splits agree up to float rounding.
+"""
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .files import atomic_write
+
+VAE_SCALE = 0.18215  # SD-VAE latents are scaled by this factor before DiT sees them
+SAMPLERS = ("ddpm", "ddim")
+
+
+def sample_seed(seed, index, stream=0):
+    """A well-mixed 63-bit seed for one sample; `stream` separates the label stream from the noise stream."""
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def noise_generators(seed, indices):
+    return [torch.Generator().manual_seed(sample_seed(seed, int(i), 0)) for i in indices]
+
+
+def sample_labels(seed, indices, num_classes):
+    """Uniform class labels, one per sample index, independent of the noise stream: (n,) int64."""
+    gens = (torch.Generator().manual_seed(sample_seed(seed, int(i), 1)) for i in indices)
+    return torch.stack([torch.randint(num_classes, (), generator=g) for g in gens]) if len(indices) else \
+        torch.zeros(0, dtype=torch.long)
+
+
+def shard(indices, batch_size, rank, world_size):
+    """The indices process `rank` of `world_size` samples: every world_size-th whole batch of `batch_size`."""
+    indices = list(indices)
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return [i for batch in batches[rank::world_size] for i in batch]
+
+
+def _model_fn(model, y, cfg_scale, guided_channels):
+    if cfg_scale == 1.0:
+        return lambda x, t: model(x, t, y)
+    return lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale, guided_channels)
+
+
+@torch.no_grad()
+def generate(model, diffusion, indices, *, seed=0, labels=None, cfg_scale=1.0, guided_channels=None,
+             sampler="ddpm", eta=0.0, batch_size=64, device=None, progress=False):
+    """Denoise the samples with the given indices. Returns (x0 (n, C, H, W) float32 on CPU, labels (n,) int64).
+
+    labels: None draws uniform labels from (seed, i); a tensor gives one label per index.
+    cfg_scale: 1 disables guidance; guided_channels=3 reproduces DiT's 3-of-4-channel guidance.
+    sampler: "ddpm" (ancestral, the paper protocol) or "ddim" (deterministic with eta 0, few steps).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if cfg_scale < 1.0:
+        raise ValueError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}")
+    indices = [int(i) for i in indices]
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    labels = sample_labels(seed, indices, model.num_classes) if labels is None else torch.as_tensor(labels).long()
+    if labels.shape != (len(indices),):
+        raise ValueError(f"need one label per sample index: got {tuple(labels.shape)} for {len(indices)} indices")
+    if len(labels) and (labels.min() < 0 or labels.max() >= model.num_classes):
+        raise ValueError(f"labels must lie in [0, {model.num_classes}); the model has {model.num_classes} classes")
+    was_training = model.training
+    model.eval()  # label dropout must be off while sampling
+    shape = (model.in_channels, model.input_size, model.input_size)
+    out = []
+    batches = range(0, len(indices), batch_size)
+    for start in tqdm(batches, desc="sampling", disable=not progress):
+        idx = indices[start:start + batch_size]
+        gens = noise_generators(seed, idx)
+        x_T = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, H, W)
+        fn = _model_fn(model, labels[start:start + batch_size].to(device), cfg_scale, guided_channels)
+        if sampler == "ddpm":
+            x0 = diffusion.ddpm_sample(fn, x_T, gens)
+        else:
+            x0 = diffusion.ddim_sample(fn, x_T, gens, eta=eta)
+        out.append(x0.float().cpu())
+    model.train(was_training)
+    x0 = torch.cat(out) if out else torch.zeros(0, *shape)
+    return x0, labels
+
+
+def load_vae(path, device="cpu"):
+    """A diffusers AutoencoderKL from a local directory (e.g. a downloaded stabilityai/sd-vae-ft-ema)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise ImportError("decoding latents needs diffusers: pip install diffusers") from e
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"VAE directory {path!r} not found; pass the folder that holds its config.json")
+    return AutoencoderKL.from_pretrained(path).to(device).eval()
+
+
+@torch.no_grad()
+def decode(x0, vae=None, batch_size=32):
+    """Model space -> images in [-1, 1]: SD-VAE latents are decoded, pixel-space samples pass through."""
+    if vae is None:
+        if x0.shape[1] not in (1, 3):
+            raise ValueError(f"samples have {x0.shape[1]} channels: these are latents, not pixels; "
+                             "pass a VAE (fastdit sample --vae DIR) to decode them")
+        return x0
+    device = next(vae.parameters()).device
+    return torch.cat([vae.decode(z.to(device) / VAE_SCALE).sample.float().cpu() for z in x0.split(batch_size)])
+
+
+def to_uint8(images):
+    """[-1, 1] images (N, C, H, W) -> uint8 (N, H, W, 3), as DiT's sampler writes them (grey repeated to RGB)."""
+    x = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return x.repeat(1, 1, 1, 3) if x.shape[-1] == 1 else x
+
+
+def save_npz(path, images_uint8, labels=None):
+    """Write `arr_0` = uint8 (N, H, W, 3) (the layout ADM's evaluator reads), atomically."""
+    arrays = {"arr_0": np.asarray(images_uint8, dtype=np.uint8)}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_grid(path, images_uint8, ncol=8):
+    """Tile uint8 (N, H, W, 3) images into one PNG, `ncol` per row, with a 2-pixel border."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+    grid = make_grid(torch.as_tensor(np.asarray(images_uint8)).permute(0, 3, 1, 2), nrow=ncol, padding=2)
+    atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
