@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdit.cli import main
+from fastdit.models import save_checkpoint
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_json_reports_the_paper_figures(capsys):
+    code, out, _ = run(capsys, "models", "--json", "--num-classes", "200", "DiT-S/2", "DiT-S/4", "DiT-XS/2",
+                       "DiT-XS/4")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert {n: r["params"] for n, r in rows.items()} == {
+        "DiT-S/2": 32_656_160, "DiT-S/4": 32_637_824, "DiT-XS/2": 7_493_664, "DiT-XS/4": 7_481_472}
+    assert {n: round(r["gmacs"], 3) for n, r in rows.items()} == {
+        "DiT-S/2": 6.066, "DiT-S/4": 1.415, "DiT-XS/2": 1.418, "DiT-XS/4": 0.321}
+    assert rows["DiT-S/2"]["tokens"] == 256 and rows["DiT-XS/4"]["depth"] == 6
+
+
+def test_models_table_and_data_options(capsys):
+    code, out, _ = run(capsys, "models", "--input-size", "28", "--in-channels", "1", "--num-classes", "10",
+                       "DiT-XS/4")
+    assert code == 0 and "1x28x28, 10 classes" in out and "DiT-XS/4" in out
+
+
+def test_unknown_variant_is_a_clear_error(capsys):
+    code, _, err = run(capsys, "models", "DiT-M/2")
+    assert code == 2 and "unknown variant" in err and "DiT-S/2" in err
+
+
+@pytest.fixture(scope="module")
+def pixel_checkpoint(tmp_path_factory, tiny_dit):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, tiny_dit(input_size=8, in_channels=1, num_classes=10))
+    return path
+
+
+def test_sample_writes_npz_and_grid(capsys, tmp_path, pixel_checkpoint):
+    code, out, _ = run(capsys, "sample", str(pixel_checkpoint), "--num-samples", "6", "--sampler", "ddim",
+                       "--steps", "3", "--batch-size", "4", "--labels", "1,2", "--out", str(tmp_path),
+                       "--ncol", "3", "--device", "cpu")
+    assert code == 0 and "wrote 6 samples" in out
+    with np.load(tmp_path / "samples.npz") as f:
+        assert f["arr_0"].shape == (6, 8, 8, 3) and f["arr_0"].dtype == np.uint8
+        assert f["labels"].tolist() == [1, 2, 1, 2, 1, 2]
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (3 * 10 + 2, 2 * 10 + 2)
+    # same seed, same images
+    run(capsys, "sample", str(pixel_checkpoint), "--num-samples", "6", "--sampler", "ddim", "--steps", "3",
+        "--batch-size", "4", "--labels", "1,2", "--out", str(tmp_path / "again"), "--device", "cpu")
+    with np.load(tmp_path / "samples.npz") as a, np.load(tmp_path / "again" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_latent_model_needs_a_vae(capsys, tmp_path, tiny_dit):
+    path = tmp_path / "latent.pt"
+    save_checkpoint(path, tiny_dit(input_size=4, in_channels=4, num_classes=10))
+    code, _, err = run(capsys, "sample", str(path), "--num-samples", "2", "--out", str(tmp_path))
+    assert code == 2 and "--vae" in err
+
+
+def test_latent_model_decodes_through_a_local_vae(capsys, tmp_path, tiny_dit):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1)  # 2 levels: latents are 1/2 of the image side
+    vae.save_pretrained(tmp_path / "vae")
+    path = tmp_path / "latent.pt"
+    save_checkpoint(path, tiny_dit(input_size=4, in_channels=4, num_classes=10))
+    code, out, err = run(capsys, "sample", str(path), "--num-samples", "2", "--sampler", "ddim", "--steps", "2",
+                         "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "s"), "--cfg-scale", "2")
+    assert code == 0, err
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3)
+
+
+def test_missing_checkpoint_is_a_clear_error(capsys, tmp_path):
+    code, _, err = run(capsys, "sample", str(tmp_path / "nope.pt"))
+    assert code == 2 and "nope.pt" in err and "does not exist" in err
