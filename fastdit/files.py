@@ -1,6 +1,24 @@
-"""Crash-safe file writing shared by checkpoints, sample archives and baselines."""
+"""Files: crash-safe writes, content hashes and the cache location, shared by data, checkpoints and the zoo."""
+import hashlib
 import os
 import tempfile
+from pathlib import Path
+
+
+def cache_root():
+    """$FASTDIT_CACHE, else $XDG_CACHE_HOME/fastdit, else ~/.cache/fastdit."""
+    root = os.environ.get("FASTDIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastdit")
+    return Path(root)
+
+
+def sha256_file(path):
+    """Streamed: sample archives and data sets can be gigabytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path, write):
