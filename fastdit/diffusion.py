@@ -176,8 +176,12 @@ class GaussianDiffusion:
             return model_output.split(channels, dim=1)                                       # (N, C, H, W) x2
         return model_output, None
 
-    def p_mean_variance(self, model_output, x_t, t) -> dict:
-        """Parameters of p(x_{t-1} | x_t) from model output (N, 2C, H, W) = [eps, v] or (N, C, H, W) = eps."""
+    def p_mean_variance(self, model_output, x_t, t, clip_denoised=False) -> dict:
+        """Parameters of p(x_{t-1} | x_t) from model output (N, 2C, H, W) = [eps, v] or (N, C, H, W) = eps.
+
+        clip_denoised clamps the predicted x_0 to [-1, 1]: right for pixel-space data (ADM does it for pixels),
+        wrong for VAE latents, which are unbounded (DiT never clips).
+        """
         eps, v = self._split_output(model_output, x_t)
         if self.learn_sigma:
             # IDDPM's learned range: v in [-1, 1] interpolates the two DDPM variance bounds in log space
@@ -189,6 +193,8 @@ class GaussianDiffusion:
             variance = _extract(self.posterior_variance, t, x_t)                             # "fixed small"
             log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
         pred_xstart = self._predict_xstart_from_eps(x_t, t, eps)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)
 
@@ -229,7 +235,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def ddpm_sample(self, model_fn: Callable, x_T: torch.Tensor, generators: Sequence[torch.Generator],
-                    progress: bool = False) -> torch.Tensor:
+                    progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
         """Ancestral sampling over every step of this chain, from x_T (N, C, H, W) to x_0.
 
         generators[i] is sample i's CPU noise stream; it advances by one draw per step, including the last
@@ -239,7 +245,7 @@ class GaussianDiffusion:
         x = x_T
         for index in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress):
             model_output, t = self._model_eval(model_fn, x, index)
-            out = self.p_mean_variance(model_output, x, t)
+            out = self.p_mean_variance(model_output, x, t, clip_denoised)
             noise = _per_sample_noise(generators, x)
             nonzero = float(index > 0)  # the last step returns the mean: there is no x_{-1} to add noise for
             x = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
@@ -253,7 +259,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def ddim_sample(self, model_fn: Callable, x_T: torch.Tensor, generators: Sequence[torch.Generator],
-                    eta: float = 0.0, progress: bool = False) -> torch.Tensor:
+                    eta: float = 0.0, progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
         """DDIM sampling over every step of this chain; eta = 0 is deterministic, eta = 1 has DDPM's variance.
 
         Only the eps channels are used (learned variances are ignored). With eta > 0 each generator advances
@@ -268,6 +274,10 @@ class GaussianDiffusion:
             model_output, t = self._model_eval(model_fn, x, index)
             eps, _ = self._split_output(model_output, x)
             pred_xstart = self._predict_xstart_from_eps(x, t, eps)
+            if clip_denoised:  # then the direction term must use the eps that the clipped x_0 implies
+                pred_xstart = pred_xstart.clamp(-1, 1)
+                eps = (_extract(self.sqrt_recip_alphas_cumprod, t, x) * x - pred_xstart) \
+                    / _extract(self.sqrt_recipm1_alphas_cumprod, t, x)
             # at t = 0, abar_prev = 1 and sigma = 0, so this returns pred_xstart exactly
             x = (_extract(self.sqrt_alphas_cumprod_prev, t, x) * pred_xstart
                  + _extract(direction, t, x) * eps)

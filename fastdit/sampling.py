@@ -51,12 +51,13 @@ def _model_fn(model, y, cfg_scale, guided_channels):
 
 @torch.no_grad()
 def generate(model, diffusion, indices, *, seed=0, labels=None, cfg_scale=1.0, guided_channels=None,
-             sampler="ddpm", eta=0.0, batch_size=64, device=None, progress=False):
+             sampler="ddpm", eta=0.0, clip_denoised=False, batch_size=64, device=None, progress=False):
     """Denoise the samples with the given indices. Returns (x0 (n, C, H, W) float32 on CPU, labels (n,) int64).
 
     labels: None draws uniform labels from (seed, i); a tensor gives one label per index.
     cfg_scale: 1 disables guidance; guided_channels=3 reproduces DiT's 3-of-4-channel guidance.
     sampler: "ddpm" (ancestral, the paper protocol) or "ddim" (deterministic with eta 0, few steps).
+    clip_denoised: clamp predicted x_0 to [-1, 1] at every step; for pixel-space models only (not latents).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -80,13 +81,34 @@ def generate(model, diffusion, indices, *, seed=0, labels=None, cfg_scale=1.0, g
         x_T = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, H, W)
         fn = _model_fn(model, labels[start:start + batch_size].to(device), cfg_scale, guided_channels)
         if sampler == "ddpm":
-            x0 = diffusion.ddpm_sample(fn, x_T, gens)
+            x0 = diffusion.ddpm_sample(fn, x_T, gens, clip_denoised=clip_denoised)
         else:
-            x0 = diffusion.ddim_sample(fn, x_T, gens, eta=eta)
+            x0 = diffusion.ddim_sample(fn, x_T, gens, eta=eta, clip_denoised=clip_denoised)
         out.append(x0.float().cpu())
     model.train(was_training)
     x0 = torch.cat(out) if out else torch.zeros(0, *shape)
     return x0, labels
+
+
+def generate_distributed(model, diffusion, num_samples, *, batch_size=64, **kwargs):
+    """Samples 0..num_samples-1 drawn by every torch.distributed process together (as DiT's sampler does).
+
+    Each process takes every world_size-th whole batch (`shard`), so the images are bit-identical to a one-process
+    run; every process returns the full (x0, labels) in index order. Without an initialized process group this is
+    `generate` on all indices.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return generate(model, diffusion, range(num_samples), batch_size=batch_size, **kwargs)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = shard(range(num_samples), batch_size, rank, world)
+    if kwargs.get("labels") is not None:  # one label per sample index: keep this process's
+        kwargs["labels"] = torch.as_tensor(kwargs["labels"])[mine]
+    x0, labels = generate(model, diffusion, mine, batch_size=batch_size, **kwargs)
+    parts = [None] * world
+    dist.all_gather_object(parts, (mine, x0, labels))
+    order = torch.tensor([i for idx, _, _ in parts for i in idx]).argsort()
+    return torch.cat([x for _, x, _ in parts])[order], torch.cat([y for _, _, y in parts])[order]
 
 
 def load_vae(path, device="cpu"):
