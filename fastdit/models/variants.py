@@ -32,6 +32,16 @@ for _size, (_depth, _hidden, _heads) in _SIZES.items():
                          patch_size=_patch, description=_paper)
 
 
+# CPU-scale mirrors of the paper's 2x2 matrix (a wider and a narrower model, each with patch 2 and 4), for the `cpu`
+# profile: Fashion-MNIST at 16x16, where patch 2 gives 64 tokens and patch 4 gives 16. They are not S and XS; the
+# "m" says so. Like S -> XS, the narrower one has half the depth and a smaller width; head dim 32 throughout.
+for _patch in (2, 4):
+    register_variant(f"DiT-mS/{_patch}", depth=6, hidden_size=128, num_heads=4, patch_size=_patch,
+                     description="fastdit: CPU-scale mirror of DiT-S")
+    register_variant(f"DiT-mXS/{_patch}", depth=3, hidden_size=96, num_heads=3, patch_size=_patch,
+                     description="fastdit: CPU-scale mirror of DiT-XS")
+
+
 def variant_config(name):
     """The architecture arguments of a registered variant (without its description)."""
     if name not in VARIANTS:

@@ -1,0 +1,149 @@
+"""The reference zoo: the trained models a profile needs, found, verified, or trained once and cached.
+
+A zoo member is identified by a key: the hash of everything that determines it — its TrainConfig, the data set's
+content fingerprint and TRAINING_VERSION. It comes from, in order:
+
+1. the committed zoo, `fastdit/zoo/<profile>/` (profiles with zoo="committed"): used when its manifest entry has the
+   same key and the file's sha256 matches the manifest; a file that fails the hash check is an error, not a retrain;
+2. the cache, `$FASTDIT_CACHE/zoo/<key>/model.pt` (default `~/.cache/fastdit`), verified by the sha256 in its meta.json;
+3. training, under a file lock so that one process trains while the others (pytest -n workers, parallel jobs) wait
+   and reuse the result. Training resumes from its periodic checkpoints, and the final model is published by an
+   atomic rename followed by its meta.json, so a killed run never leaves a model that is later trusted.
+"""
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from .data import load_dataset, prepare
+from .files import atomic_write, cache_root, sha256_file
+from .models import load
+from .profiles import get_profile
+from .train import train
+
+# Bump when the training path changes what a given TrainConfig produces (loss, schedule, data order, init):
+# every cached and committed model keyed by the old version then stops matching.
+TRAINING_VERSION = 1
+COMMITTED_ZOO = Path(__file__).parent / "zoo"
+
+
+def zoo_key(config, data_fingerprint):
+    blob = json.dumps(dict(config=config.to_dict(), data=data_fingerprint, version=TRAINING_VERSION),
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def training_data(config):
+    """(x (N, C, S, S) in [-1, 1], labels, num_classes, fingerprint) of a TrainConfig's data set."""
+    data = load_dataset(config.dataset, "train")
+    if hasattr(data, "latents"):
+        x = torch.from_numpy(data.latents)
+    else:
+        x = prepare(data.images, config.image_size, config.resize)
+    return x, torch.from_numpy(data.labels), data.num_classes, data.fingerprint
+
+
+def reference_model(profile, variant, *, device="cpu", progress=True):
+    """The trained EMA model of `variant` in `profile` (eval mode) and a dict saying where it came from."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    config = profile.train_config(variant)
+    path, info = ensure_trained(config, committed=profile.name if profile.zoo == "committed" else None,
+                                progress=progress)
+    return load(path, map_location=device), info
+
+
+def ensure_trained(config, *, committed=None, progress=True):
+    """Path of the trained model for `config` (committed, cached, or trained now) and its provenance."""
+    x, y, num_classes, fingerprint = training_data(config)
+    key = zoo_key(config, fingerprint)
+    if committed:
+        found = _committed(committed, config.variant, key)
+        if found:
+            return found
+    folder = cache_root() / "zoo" / key
+    found = _cached(folder)
+    if found:
+        return found
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        found = _cached(folder)  # another process may have finished it while we waited for the lock
+        if found:
+            return found
+        stats = train(config, x, y, num_classes, folder / "work", ckpt_every=max(config.steps // 10, 50),
+                      progress=progress)
+        return _publish(folder, stats, config, key)
+
+
+def _committed(profile, variant, key):
+    manifest_path = COMMITTED_ZOO / profile / "MANIFEST.json"
+    if not manifest_path.exists():
+        return None
+    entry = read_manifest(manifest_path).get(variant)
+    if entry is None or entry["key"] != key:
+        return None  # the committed model was trained from another config or data: train our own
+    path = manifest_path.parent / entry["file"]
+    if not path.exists() or sha256_file(path) != entry["sha256"]:
+        raise ValueError(f"committed zoo file {path} is missing or does not match the sha256 in {manifest_path}: "
+                         f"restore it (git checkout -- {path}) or retrain it with "
+                         f"`fastdit zoo --profile {profile} --export` after removing its manifest entry")
+    return path, dict(entry, source="committed", path=str(path))
+
+
+def read_manifest(path):
+    try:
+        manifest = json.loads(Path(path).read_text())
+        if not isinstance(manifest, dict) or not all({"key", "file", "sha256"} <= set(v) for v in manifest.values()):
+            raise ValueError("every entry needs key, file and sha256")
+        return manifest
+    except ValueError as err:
+        raise ValueError(f"zoo manifest {path} is corrupt ({err}); restore it with git checkout") from None
+
+
+def _cached(folder):
+    meta_path = folder / "meta.json"
+    model_path = folder / "model.pt"
+    if not (meta_path.exists() and model_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if sha256_file(model_path) != meta["sha256"]:
+        return None  # never trust a file that is not the one that was published
+    return model_path, dict(meta, source="cache", path=str(model_path))
+
+
+def _publish(folder, stats, config, key):
+    """Write the slim EMA-only model (model.pt), then meta.json: meta.json last marks it complete."""
+    state = torch.load(stats["checkpoint"], map_location="cpu", weights_only=True)
+    release = {k: state[k] for k in ("ema", "config", "variant", "args", "step")}
+    model_path = folder / "model.pt"
+    atomic_write(model_path, lambda f: torch.save(release, f))
+    meta = dict(key=key, variant=config.variant, config=config.to_dict(), training_version=TRAINING_VERSION,
+                sha256=sha256_file(model_path), final_loss=stats["final_loss"], train_seconds=stats["seconds"],
+                steps_per_s=stats["steps_per_s"], threads=torch.get_num_threads(), torch=torch.__version__,
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+    shutil.rmtree(folder / "work", ignore_errors=True)
+    return model_path, dict(meta, source="trained", path=str(model_path))
+
+
+def export_committed(profile, variants=None):
+    """Copy a profile's trained models into fastdit/zoo/<profile>/ and (re)write its MANIFEST.json."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    out = COMMITTED_ZOO / profile.name
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "MANIFEST.json"
+    manifest = read_manifest(manifest_path) if manifest_path.exists() else {}
+    for variant in variants or profile.variants:
+        path, info = ensure_trained(profile.train_config(variant))
+        name = variant.replace("/", "_") + ".pt"
+        shutil.copyfile(path, out / name)
+        manifest[variant] = dict(
+            key=info["key"], file=name, sha256=sha256_file(out / name), final_loss=info["final_loss"],
+            train_seconds=round(info["train_seconds"], 1), steps_per_s=round(info["steps_per_s"], 3),
+            threads=info["threads"], torch=info["torch"],
+            command=f"fastdit train --profile {profile.name} --variant {variant}")
+    atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
+    return manifest

@@ -1,0 +1,123 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastdit import zoo
+from fastdit.profiles import PROFILES, get_profile
+from fastdit.models import VARIANTS
+from fastdit.train import TrainConfig
+
+TINY = dict(variant="DiT-mXS/4", dataset="digits", image_size=8, batch_size=16, lr=1e-3, ema_decay=0.99,
+            model_kwargs=dict(depth=1))
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo, "COMMITTED_ZOO", tmp_path / "committed")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def test_trained_once_then_cached(tmp_path):
+    cfg = TrainConfig(**TINY, steps=4)
+    path, info = zoo.ensure_trained(cfg, progress=False)
+    assert info["source"] == "trained" and path.parent.parent == tmp_path / "cache" / "zoo"
+    assert not (path.parent / "work").exists()  # the training folder is removed once published
+    again, info2 = zoo.ensure_trained(cfg, progress=False)
+    assert again == path and info2["source"] == "cache" and info2["sha256"] == zoo.sha256_file(path)
+    # another seed is another model
+    _, other = zoo.ensure_trained(dataclasses.replace(cfg, seed=1), progress=False)
+    assert other["key"] != info["key"]
+
+
+def test_a_damaged_cached_model_is_never_trusted(tmp_path):
+    cfg = TrainConfig(**TINY, steps=3)
+    path, _ = zoo.ensure_trained(cfg, progress=False)
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a disk error
+    path2, info = zoo.ensure_trained(cfg, progress=False)
+    assert info["source"] == "trained" and zoo.sha256_file(path2) == info["sha256"]
+
+
+def _zoo_script(steps):
+    return ("import sys, torch; torch.set_num_threads(1); from fastdit.train import TrainConfig;"
+            "from fastdit.zoo import ensure_trained;"
+            f"p, i = ensure_trained(TrainConfig(**{TINY!r}, steps={steps}), progress=False);"
+            "print(i['source'])")
+
+
+def test_concurrent_processes_train_once(tmp_path):
+    env = {**os.environ, "FASTDIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _zoo_script(30)], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    sources = sorted(p.communicate()[0].strip() for p in procs)
+    assert sources == ["cache", "trained"]
+
+
+def test_killed_zoo_training_leaves_a_valid_cache(tmp_path):
+    env = {**os.environ, "FASTDIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _zoo_script(600)], env=env, stdout=subprocess.DEVNULL)
+    zoo_dir = tmp_path / "cache" / "zoo"
+    deadline = time.time() + 120
+    while not list(zoo_dir.glob("*/work/checkpoints/*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    folder = next(p for p in zoo_dir.iterdir() if p.is_dir())
+    assert not (folder / "meta.json").exists()  # nothing was published
+    cfg = TrainConfig(**TINY, steps=600)
+    assert zoo._cached(folder) is None
+    # the rerun resumes from the last checkpoint and publishes a verified model (shortened: same key needed,
+    # so finish the same 600-step config, which on digits with one block takes seconds)
+    path, info = zoo.ensure_trained(cfg, progress=False)
+    assert info["source"] == "trained" and path.parent == folder
+    assert zoo.sha256_file(path) == json.loads((folder / "meta.json").read_text())["sha256"]
+
+
+@pytest.fixture
+def tiny_profile():
+    return dataclasses.replace(get_profile("cpu"), name="tiny", dataset="digits", image_size=8,
+                               variants=("DiT-mXS/4",), train=dict(steps=3, batch_size=16), zoo="committed")
+
+
+def test_committed_zoo_is_used_and_verified(tmp_path, tiny_profile):
+    manifest = zoo.export_committed(tiny_profile)
+    entry = manifest["DiT-mXS/4"]
+    assert entry["command"] == "fastdit train --profile tiny --variant DiT-mXS/4"
+    model, info = zoo.reference_model(tiny_profile, "DiT-mXS/4")
+    assert info["source"] == "committed" and model.input_size == 8
+    committed = tmp_path / "committed" / "tiny" / entry["file"]
+    committed.write_bytes(committed.read_bytes() + b"tampered")
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        zoo.reference_model(tiny_profile, "DiT-mXS/4")
+    (tmp_path / "committed" / "tiny" / "MANIFEST.json").write_text("{not json")
+    with pytest.raises(ValueError, match="MANIFEST.json is corrupt"):
+        zoo.reference_model(tiny_profile, "DiT-mXS/4")
+
+
+def test_a_committed_model_of_another_config_is_not_used(tiny_profile):
+    zoo.export_committed(tiny_profile)
+    changed = dataclasses.replace(tiny_profile, train=dict(steps=4, batch_size=16))
+    _, info = zoo.reference_model(changed, "DiT-mXS/4")
+    assert info["source"] == "trained"
+
+
+def test_profiles_are_consistent():
+    for profile in PROFILES.values():
+        assert all(v in VARIANTS for v in profile.variants)
+        assert profile.sampler in ("ddpm", "ddim") and profile.evaluator in ("domain", "inception")
+        for v in profile.variants:
+            profile.train_config(v)
+    with pytest.raises(ValueError, match="no variant"):
+        get_profile("cpu").train_config("DiT-XL/2")
+    with pytest.raises(ValueError, match="unknown profile"):
+        get_profile("tpu")
+    assert get_profile("cpu", fid_samples=10).fid_samples == 10
