@@ -1,4 +1,4 @@
-"""The `fastdit` command line: list the model zoo, sample from a checkpoint."""
+"""The `fastdit` command line: list, train and sample DiT models; pre-extract latents."""
 import argparse
 import json
 import os
@@ -50,11 +50,23 @@ def cmd_models(args):
               f"{r['tokens']:>6} {r['params']:>13,} {r['gmacs']:>9.3f}  {r['source']}")
 
 
+def _init_distributed(device):
+    """Join the process group when launched by torchrun; returns (rank, device)."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), ("cuda" if cuda else "cpu")
+
+
 def cmd_sample(args):
     from fastdit.diffusion import create_diffusion
     from fastdit.models import load
-    from fastdit.sampling import decode, generate, load_vae, save_grid, save_npz, to_uint8
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from fastdit.sampling import decode, generate_distributed, load_vae, save_grid, save_npz, to_uint8
+    rank, device = _init_distributed(args.device)
     model = load(args.checkpoint, args.variant, num_heads=args.num_heads, use_ema=not args.no_ema).to(device)
     steps = args.steps or (250 if args.sampler == "ddpm" else 50)
     diffusion = create_diffusion(steps, learn_sigma=model.learn_sigma)
@@ -66,9 +78,13 @@ def cmd_sample(args):
     if vae is None and model.in_channels not in (1, 3):
         raise ValueError(f"{args.checkpoint} is a latent model ({model.in_channels} channels): pass --vae DIR "
                          "with a diffusers AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema) to decode its samples")
-    x0, labels = generate(model, diffusion, range(args.num_samples), seed=args.seed, labels=labels,
-                          cfg_scale=args.cfg_scale, guided_channels=3 if args.dit_cfg else None,
-                          sampler=args.sampler, batch_size=args.batch_size, device=device, progress=True)
+    x0, labels = generate_distributed(model, diffusion, args.num_samples, seed=args.seed, labels=labels,
+                                      cfg_scale=args.cfg_scale, guided_channels=3 if args.dit_cfg else None,
+                                      sampler=args.sampler, clip_denoised=vae is None,
+                                      batch_size=args.batch_size, device=device,
+                                      progress=rank == 0)
+    if rank != 0:
+        return
     images = to_uint8(decode(x0, vae))
     os.makedirs(args.out, exist_ok=True)
     npz, png = os.path.join(args.out, "samples.npz"), os.path.join(args.out, "grid.png")
@@ -76,6 +92,63 @@ def cmd_sample(args):
     save_grid(png, images[:args.grid_size].numpy(), ncol=args.ncol)
     print(f"wrote {len(images)} samples ({args.sampler}, {steps} steps, cfg {args.cfg_scale}, seed {args.seed}) "
           f"to {npz} and a grid to {png}")
+
+
+def _train_config(args):
+    from fastdit.profiles import get_profile
+    profile = get_profile(args.profile)
+    overrides = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                       mixed_precision=args.mixed_precision, dataset=args.dataset).items()
+                 if v is not None}
+    if args.grad_checkpointing:
+        overrides["grad_checkpointing"] = True
+    config = profile.train_config(args.variant, **overrides)
+    if config.dataset == "latents":
+        raise ValueError(f"profile {profile.name} trains on your own latents: pass --dataset latents:FILE.npz "
+                         "(make one with `fastdit encode`)")
+    return profile, config
+
+
+def cmd_train(args):
+    from fastdit.train import train
+    from fastdit.zoo import ensure_trained, training_data
+    profile, config = _train_config(args)
+    if args.out:  # a plain run in a folder of the user's: official-layout checkpoints, resumed automatically
+        x, y, num_classes, _ = training_data(config)
+        stats = train(config, x, y, num_classes, args.out, ckpt_every=args.ckpt_every, device=args.device)
+        path, source = stats["checkpoint"], "trained"
+    else:  # a zoo member: cached under its key, shared by every later run
+        committed = profile.name if profile.zoo == "committed" else None
+        path, stats = ensure_trained(config, committed=committed)
+        source = stats["source"]
+    loss = stats.get("final_loss")
+    print(f"{config.variant}: {source} model at {path}"
+          + (f" (final loss {loss:.4f}, {stats['steps_per_s']:.2f} steps/s)" if loss is not None else ""))
+
+
+def cmd_zoo(args):
+    from fastdit.profiles import get_profile
+    from fastdit.zoo import ensure_trained, export_committed
+    profile = get_profile(args.profile)
+    if args.export:
+        export_committed(profile, args.variants or None)
+    committed = profile.name if profile.zoo == "committed" else None
+    print(f"{'variant':<11} {'source':<10} {'final loss':>10} {'train s':>8} {'steps/s':>8}  path")
+    for variant in args.variants or profile.variants:
+        path, info = ensure_trained(profile.train_config(variant), committed=committed)
+        print(f"{variant:<11} {info['source']:<10} {info['final_loss']:>10.4f} {info['train_seconds']:>8.0f} "
+              f"{info['steps_per_s']:>8.2f}  {path}")
+
+
+def cmd_encode(args):
+    from fastdit.data import encode_latents, load_dataset, prepare, save_latents
+    from fastdit.sampling import load_vae
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_dataset(args.dataset, args.split)
+    images = prepare(data.images, args.image_size, "resize")
+    latents = encode_latents(images, load_vae(args.vae, device), batch_size=args.batch_size, flip=args.flip)
+    save_latents(args.out, latents, data.labels, data.num_classes)
+    print(f"encoded {len(latents)} images of {data.name} to {tuple(latents.shape[1:])} latents in {args.out}")
 
 
 def build_parser():
@@ -111,6 +184,39 @@ def build_parser():
     p.add_argument("--grid-size", type=int, default=64, help="samples shown in grid.png")
     p.add_argument("--ncol", type=int, default=8, help="grid columns")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="train a profile's variant (cached in the zoo, or into --out)")
+    p.add_argument("--profile", default="cpu", help="profile whose recipe and data to use (default cpu)")
+    p.add_argument("--variant", required=True, help="a variant of the profile, e.g. DiT-mS/2")
+    p.add_argument("--out", help="train into this folder (checkpoints/NNNNNNN.pt, resumed) instead of the zoo cache")
+    p.add_argument("--dataset", help="override the profile's data set (e.g. latents:FILE.npz, folder:DIR)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"))
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--ckpt-every", type=int, default=0, help="with --out: checkpoint every N steps")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("zoo", help="make sure a profile's reference models exist (train the missing) and list them")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("variants", nargs="*", help="default: every variant of the profile")
+    p.add_argument("--export", action="store_true",
+                   help="copy the trained models into fastdit/zoo/<profile>/ with a sha256 manifest (to commit)")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("encode", help="pre-extract VAE latents of an image data set (fast-DiT's approach)")
+    p.add_argument("--dataset", required=True, help="e.g. folder:/data/imagenet200 or npz:images.npz")
+    p.add_argument("--split", default="train")
+    p.add_argument("--image-size", type=int, default=256, help="images are center-cropped and resized to this")
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema)")
+    p.add_argument("--flip", action="store_true", help="mirror every image first (fast-DiT freezes one flip)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device")
+    p.add_argument("--out", required=True, help="output .npz (read back as --dataset latents:FILE)")
+    p.set_defaults(func=cmd_encode)
     return parser
 
 

@@ -88,3 +88,21 @@ def test_latent_model_decodes_through_a_local_vae(capsys, tmp_path, tiny_dit):
 def test_missing_checkpoint_is_a_clear_error(capsys, tmp_path):
     code, _, err = run(capsys, "sample", str(tmp_path / "nope.pt"))
     assert code == 2 and "nope.pt" in err and "does not exist" in err
+
+
+def test_two_process_sampling_equals_one_process(tmp_path, pixel_checkpoint):
+    """torchrun with 2 gloo processes writes exactly the uint8 images of a 1-process run."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun gives each process 1 thread; match it
+    common = [str(pixel_checkpoint), "--num-samples", "10", "--batch-size", "3", "--steps", "4", "--seed", "7",
+              "--cfg-scale", "2", "--device", "cpu"]
+    subprocess.run([sys.executable, "-m", "fastdit.cli", "sample", *common, "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "fastdit.cli", "sample", *common, "--out", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True)
+    with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
+        assert one["arr_0"].shape == (10, 8, 8, 3)
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
