@@ -204,7 +204,7 @@ def build_parser():
     p.add_argument("--profile", default="cpu")
     p.add_argument("variants", nargs="*", help="default: every variant of the profile")
     p.add_argument("--export", action="store_true",
-                   help="copy the trained models into fastdit/zoo/<profile>/ with a sha256 manifest (to commit)")
+                   help="copy the trained models into fastdit/weights/<profile>/ with a sha256 manifest (to commit)")
     p.set_defaults(func=cmd_zoo)
 
     p = sub.add_parser("encode", help="pre-extract VAE latents of an image data set (fast-DiT's approach)")

@@ -1,7 +1,7 @@
 """Benchmark profiles: one declarative table each of what a benchmark run trains, samples and measures.
 
     cpu    the default without a GPU: a CPU-scale mirror of the paper's 2x2 variant matrix on Fashion-MNIST at 16x16.
-           Its trained zoo is committed (fastdit/zoo/cpu, verified by sha256) so a fresh machine needs no training.
+           Its trained zoo is committed (fastdit/weights/cpu, verified by sha256) so a fresh machine needs no training.
     gpu    the default on CUDA: the paper's DiT-S/2, S/4, XS/2, XS/4 on Fashion-MNIST padded to 32x32.
     paper  arXiv 2509.17894's protocol on user-supplied ImageNet-256 latents: 200 classes, 250 DDPM steps,
            cfg 4.0 with DiT's 3-channel guidance, 10,000 samples.
@@ -28,7 +28,7 @@ class Profile:
     fid_samples: int                 # N for FID / sFID
     evaluator: str                   # "domain" (the project's classifier) or "inception"
     throughput_batch_sizes: tuple
-    zoo: str = "cache"               # "committed": weights ship in fastdit/zoo/<profile>; "cache": trained on use
+    zoo: str = "cache"               # "committed": weights ship in fastdit/weights/<profile>; "cache": trained on use
     sample_batch_size: int = 250
     extra: dict = field(default_factory=dict)
 

@@ -3,7 +3,7 @@
 A zoo member is identified by a key: the hash of everything that determines it — its TrainConfig, the data set's
 content fingerprint and TRAINING_VERSION. It comes from, in order:
 
-1. the committed zoo, `fastdit/zoo/<profile>/` (profiles with zoo="committed"): used when its manifest entry has the
+1. the committed zoo, `fastdit/weights/<profile>/` (profiles with zoo="committed"): used when its manifest entry has the
    same key and the file's sha256 matches the manifest; a file that fails the hash check is an error, not a retrain;
 2. the cache, `$FASTDIT_CACHE/zoo/<key>/model.pt` (default `~/.cache/fastdit`), verified by the sha256 in its meta.json;
 3. training, under a file lock so that one process trains while the others (pytest -n workers, parallel jobs) wait
@@ -28,7 +28,7 @@ from .train import train
 # Bump when the training path changes what a given TrainConfig produces (loss, schedule, data order, init):
 # every cached and committed model keyed by the old version then stops matching.
 TRAINING_VERSION = 1
-COMMITTED_ZOO = Path(__file__).parent / "zoo"
+COMMITTED_ZOO = Path(__file__).parent / "weights"
 
 
 def zoo_key(config, data_fingerprint):
@@ -130,7 +130,7 @@ def _publish(folder, stats, config, key):
 
 
 def export_committed(profile, variants=None):
-    """Copy a profile's trained models into fastdit/zoo/<profile>/ and (re)write its MANIFEST.json."""
+    """Copy a profile's trained models into fastdit/weights/<profile>/ and (re)write its MANIFEST.json."""
     profile = get_profile(profile) if isinstance(profile, str) else profile
     out = COMMITTED_ZOO / profile.name
     out.mkdir(parents=True, exist_ok=True)
