@@ -116,7 +116,8 @@ def train(config, x, y, num_classes, out_dir, *, ckpt_every=0, keep_last=2, devi
         losses.append(loss)
         done = step + 1
         if progress and (done % 20 == 0 or done == config.steps):
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", steps_per_s=f"{len(losses) / (time.perf_counter() - t0):.2f}")
+            rate = len(losses) / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", steps_per_s=f"{rate:.2f}")
         if (ckpt_every and done % ckpt_every == 0) or done == config.steps:
             _save(ckpt_dir, done, model, ema, opt, config, keep_last)
     seconds = time.perf_counter() - t0
