@@ -62,13 +62,25 @@ def _init_distributed(device):
     return dist.get_rank(), ("cuda" if cuda else "cpu")
 
 
+def _sampling_protocol(args):
+    """(sampler, steps, cfg scale, guided channels): explicit options, else the --profile's, else defaults."""
+    from fastdit.profiles import get_profile
+    profile = get_profile(args.profile) if args.profile else None
+    sampler = args.sampler or (profile.sampler if profile else "ddpm")
+    steps = args.steps or (profile.sampling_steps if profile and sampler == profile.sampler else None) \
+        or (250 if sampler == "ddpm" else 50)
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (profile.cfg_scale if profile else 1.0)
+    guided = 3 if args.dit_cfg else (profile.guided_channels if profile else None)
+    return sampler, steps, cfg_scale, guided
+
+
 def cmd_sample(args):
     from fastdit.diffusion import create_diffusion
     from fastdit.models import load
     from fastdit.sampling import decode, generate_distributed, load_vae, save_grid, save_npz, to_uint8
     rank, device = _init_distributed(args.device)
     model = load(args.checkpoint, args.variant, num_heads=args.num_heads, use_ema=not args.no_ema).to(device)
-    steps = args.steps or (250 if args.sampler == "ddpm" else 50)
+    sampler, steps, cfg_scale, guided = _sampling_protocol(args)
     diffusion = create_diffusion(steps, learn_sigma=model.learn_sigma)
     labels = None
     if args.labels:
@@ -79,8 +91,8 @@ def cmd_sample(args):
         raise ValueError(f"{args.checkpoint} is a latent model ({model.in_channels} channels): pass --vae DIR "
                          "with a diffusers AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema) to decode its samples")
     x0, labels = generate_distributed(model, diffusion, args.num_samples, seed=args.seed, labels=labels,
-                                      cfg_scale=args.cfg_scale, guided_channels=3 if args.dit_cfg else None,
-                                      sampler=args.sampler, clip_denoised=vae is None,
+                                      cfg_scale=cfg_scale, guided_channels=guided,
+                                      sampler=sampler, clip_denoised=vae is None,
                                       batch_size=args.batch_size, device=device,
                                       progress=rank == 0)
     if rank != 0:
@@ -90,7 +102,7 @@ def cmd_sample(args):
     npz, png = os.path.join(args.out, "samples.npz"), os.path.join(args.out, "grid.png")
     save_npz(npz, images.numpy(), labels.numpy())
     save_grid(png, images[:args.grid_size].numpy(), ncol=args.ncol)
-    print(f"wrote {len(images)} samples ({args.sampler}, {steps} steps, cfg {args.cfg_scale}, seed {args.seed}) "
+    print(f"wrote {len(images)} samples ({sampler}, {steps} steps, cfg {cfg_scale}, seed {args.seed}) "
           f"to {npz} and a grid to {png}")
 
 
@@ -171,9 +183,11 @@ def build_parser():
     p.add_argument("--no-ema", action="store_true", help="use a training checkpoint's 'model' weights, not 'ema'")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="global seed; sample i depends only on (seed, i)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--profile", help="take sampler, steps and guidance from a profile (e.g. paper: 250 DDPM "
+                   "steps, cfg 4.0, DiT's 3-channel guidance); the options below override it")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default ddpm")
     p.add_argument("--steps", type=int, help="denoising steps (default 250 for ddpm, 50 for ddim)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 disables it")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1: no guidance)")
     p.add_argument("--dit-cfg", action="store_true",
                    help="guide only 3 of 4 latent channels, as DiT's released sampler does (for parity)")
     p.add_argument("--labels", help="comma-separated class labels, cycled (default: uniform random per sample)")
