@@ -101,7 +101,7 @@ def cmd_sample(args):
     os.makedirs(args.out, exist_ok=True)
     npz, png = os.path.join(args.out, "samples.npz"), os.path.join(args.out, "grid.png")
     save_npz(npz, images.numpy(), labels.numpy())
-    save_grid(png, images[:args.grid_size].numpy(), ncol=args.ncol)
+    save_grid(png, images[:args.grid_size].numpy(), ncol=args.ncol, scale=args.grid_scale)
     print(f"wrote {len(images)} samples ({sampler}, {steps} steps, cfg {cfg_scale}, seed {args.seed}) "
           f"to {npz} and a grid to {png}")
 
@@ -197,6 +197,7 @@ def build_parser():
     p.add_argument("--out", default="samples", help="output directory (default ./samples)")
     p.add_argument("--grid-size", type=int, default=64, help="samples shown in grid.png")
     p.add_argument("--ncol", type=int, default=8, help="grid columns")
+    p.add_argument("--grid-scale", type=int, default=1, help="enlarge each pixel of grid.png to a block this wide")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="train a profile's variant (cached in the zoo, or into --out)")

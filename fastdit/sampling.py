@@ -148,9 +148,12 @@ def save_npz(path, images_uint8, labels=None):
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def save_grid(path, images_uint8, ncol=8):
-    """Tile uint8 (N, H, W, 3) images into one PNG, `ncol` per row, with a 2-pixel border."""
+def save_grid(path, images_uint8, ncol=8, scale=1):
+    """Tile uint8 (N, H, W, 3) images into one PNG, `ncol` per row, with a 2-pixel border, each pixel drawn as a
+    scale x scale block (small images stay sharp when enlarged)."""
     from PIL import Image
     from torchvision.utils import make_grid
-    grid = make_grid(torch.as_tensor(np.asarray(images_uint8)).permute(0, 3, 1, 2), nrow=ncol, padding=2)
+    x = torch.as_tensor(np.asarray(images_uint8)).permute(0, 3, 1, 2)
+    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    grid = make_grid(x, nrow=ncol, padding=2)
     atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))

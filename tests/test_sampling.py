@@ -101,4 +101,9 @@ def test_npz_and_grid_files(tmp_path):
     save_grid(tmp_path / "g.png", images, ncol=4)
     with Image.open(tmp_path / "g.png") as grid:
         assert grid.size == (4 * 10 + 2, 3 * 10 + 2)  # 8px tiles + 2px borders
+    save_grid(tmp_path / "g.png", images[:2], ncol=2, scale=3)
+    with Image.open(tmp_path / "g.png") as grid:
+        big = np.asarray(grid)
+    assert big.shape == (2 + 24 + 2, 2 + 24 + 2 + 24 + 2, 3)
+    assert np.array_equal(big[2:5, 2:5], np.broadcast_to(images[0, 0, 0], (3, 3, 3)))  # pixel (0, 0) as a block
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "s.npz"]  # no temporary files left
