@@ -58,14 +58,21 @@ def example_inputs(model, batch_size=1, device=None):
 
 
 @torch.no_grad()
-def count_gmacs(model, batch_size=1):
-    """GMACs of one forward pass at `batch_size` (the paper's "GFLOPs")."""
+def analyze(model, batch_size=1):
+    """flop_analysis of one eval-mode forward at `batch_size` on example_inputs; the model's mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        return flop_analysis(model, example_inputs(model, batch_size)).total() / 1e9
+        fca = flop_analysis(model, example_inputs(model, batch_size))
+        fca.by_module()  # fvcore traces lazily: trace now, while the model is in eval mode
+        return fca
     finally:
         model.train(was_training)
+
+
+def count_gmacs(model, batch_size=1):
+    """GMACs of one forward pass at `batch_size` (the paper's "GFLOPs")."""
+    return analyze(model, batch_size).total() / 1e9
 
 
 def count_params(model):

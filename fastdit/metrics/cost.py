@@ -1,0 +1,260 @@
+"""What a model costs to store and run: bytes on disk, GMACs by part, peak activation memory, and honest timings.
+
+Sizes come from torch.save, never from .nbytes: quantized tensor subclasses report their fp32 size there, and pruning
+masks are extra state that a parameter count misses. Timings are medians of many rounds with their spread; speed
+ratios come from variants timed interleaved in one process, with a bootstrap CI and a rank test, so that a ratio is
+reported with the evidence for it. machine_peak measures what this machine can do at best (matmul rate, copy
+bandwidth), so that every throughput can be read as a fraction of that limit.
+"""
+import io
+import platform
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import mannwhitneyu
+from torch.profiler import ProfilerActivity, profile
+
+from .flops import analyze
+
+# A DiT block's sub-layers as fvcore's by_module names them. Anchored on `blocks.i.` because the timestep embedder
+# also has a child called `mlp` (t_embedder.mlp), which is embedding work, not a transformer MLP.
+BLOCK_PART = re.compile(r"blocks\.\d+\.(attn|mlp)")
+
+# Device types whose allocations are host memory (oneDNN/ideep buffers live on the CPU heap too), as torch's own
+# profiler tables count them.
+CPU_MEMORY_DEVICES = {torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.MKLDNN,
+                      torch.autograd.DeviceType.IDEEP}
+
+# Copy-bandwidth buffer: 128 MiB each for source and destination, well beyond CPU L3 and GPU L2 (50 MB on H100), so the
+# copy streams through DRAM/HBM instead of cache.
+COPY_BYTES = 1 << 27
+
+
+def is_cuda(device):
+    return torch.device(device).type == "cuda"
+
+
+# -----------------------------------------------------------------------------
+# size and GMACs
+
+def model_size_bytes(model):
+    """Bytes of torch.save(model.state_dict()): what a checkpoint really costs, whatever the tensors claim."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def gmacs_breakdown(model, batch_size=1):
+    """GMACs of one forward, split into transformer attention, transformer MLP and everything else.
+
+    by_module counts are inclusive (blocks.0.attn already holds its qkv, proj and SDPA), so only the block-level
+    modules are summed. "other" is the remainder: embedders, adaLN projections, LayerNorms and the final layer.
+    """
+    by_module = analyze(model, batch_size).by_module()
+    macs = {"attention": 0, "mlp": 0}
+    for name, count in by_module.items():
+        part = BLOCK_PART.fullmatch(name)
+        if part:
+            macs["attention" if part.group(1) == "attn" else "mlp"] += count
+    total = by_module[""]
+    # Split in integer MACs before converting, so the three parts add up to the total.
+    return {"total": total / 1e9, "attention": macs["attention"] / 1e9, "mlp": macs["mlp"] / 1e9,
+            "other": (total - macs["attention"] - macs["mlp"]) / 1e9}
+
+
+# -----------------------------------------------------------------------------
+# peak memory
+
+def peak_memory_bytes(fn, device):
+    """Peak bytes allocated while fn() runs, above what was allocated before it: activations count, weights do not."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - baseline
+    # The CPU allocator keeps no peak statistic, and RSS sees neither freed-and-reused blocks nor the line between
+    # weights and activations. The profiler records every allocation (+bytes) and free (-bytes) of torch's CPU
+    # allocator; the running sum of those records in time order is the allocated memory above the starting point.
+    # The raw records are read, not prof.events(): those fold each op's allocations into one net number per op,
+    # which hides the workspace an op allocates and frees inside itself (attention's scratch buffers).
+    # acc_events=True only silences the "clears events at the end of each cycle" warning of torch 2.11 (one cycle here).
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, acc_events=True) as prof:
+        fn()
+    records = [e for e in prof.profiler.kineto_results.events()
+               if e.name() == "[memory]" and e.device_type() in CPU_MEMORY_DEVICES]
+    allocated = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        allocated += record.nbytes()
+        peak = max(peak, allocated)
+    return peak
+
+
+# -----------------------------------------------------------------------------
+# timing
+
+@dataclass
+class Timing:
+    """Seconds per call over `rounds` timed calls; median and IQR are the numbers to report, the rest is context."""
+    median_s: float
+    iqr_s: float
+    mean_s: float
+    stdev_s: float
+    min_s: float
+    rounds: int
+    samples: list[float]
+
+    @classmethod
+    def from_samples(cls, samples):
+        s = np.asarray(samples, dtype=np.float64)
+        q1, median, q3 = np.percentile(s, [25, 50, 75])
+        return cls(median_s=float(median), iqr_s=float(q3 - q1), mean_s=float(s.mean()),
+                   stdev_s=float(s.std(ddof=1)) if len(s) > 1 else 0.0, min_s=float(s.min()), rounds=len(s),
+                   samples=[float(x) for x in s])
+
+    def per_second(self, items=1):
+        return items / self.median_s
+
+
+@contextmanager
+def num_threads(threads):
+    """Pin torch's intra-op threads for the duration (None: leave them), and restore the previous count."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def timed_call(fn, device):
+    """Seconds of one fn() call. On CUDA, host timers would measure only the kernel launches, so the call is
+    bracketed by CUDA events after a synchronize (no earlier work is inside the window) and read after the end event."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def time_fn(fn, *, device, warmup=3, rounds=20, min_time_s=0.0, threads=None):
+    """Time fn() after `warmup` untimed calls (compilation, autotuning, caches), for at least `rounds` calls and
+    until the timed calls add up to min_time_s."""
+    with num_threads(threads):
+        for _ in range(warmup):
+            fn()
+        samples = []
+        while len(samples) < rounds or sum(samples) < min_time_s:
+            samples.append(timed_call(fn, device))
+    return Timing.from_samples(samples)
+
+
+def time_interleaved(fns, *, device, warmup=3, rounds=20, threads=None):
+    """Time several variants round by round in one process, so that drift in clock speed or background load hits
+    every variant alike; speed ratios are computed from these. Each round calls every variant once, starting one
+    variant further on each round (a b, b a, ... for two), so no variant always runs right after the same other one
+    and inherits its cache state."""
+    names = list(fns)
+    samples = {name: [] for name in names}
+    with num_threads(threads):
+        for _ in range(warmup):
+            for name in names:
+                fns[name]()
+        for r in range(rounds):
+            for i in range(len(names)):
+                name = names[(r + i) % len(names)]
+                samples[name].append(timed_call(fns[name], device))
+    return {name: Timing.from_samples(samples[name]) for name in names}
+
+
+def speedup(reference, candidate, n_boot=2000, seed=0):
+    """How much faster `candidate` is than `reference` (ratio of medians, > 1 is faster), with a 95% bootstrap CI of
+    that ratio and the two-sided Mann-Whitney U p-value that the two sample sets come from one distribution."""
+    ref, cand = np.asarray(reference.samples), np.asarray(candidate.samples)
+    rng = np.random.default_rng(seed)
+    # Resample each variant independently: they were interleaved, not paired call by call.
+    ref_medians = np.median(rng.choice(ref, size=(n_boot, len(ref))), axis=1)
+    cand_medians = np.median(rng.choice(cand, size=(n_boot, len(cand))), axis=1)
+    ci_low, ci_high = np.percentile(ref_medians / cand_medians, [2.5, 97.5])
+    return {"ratio": reference.median_s / candidate.median_s, "ci_low": float(ci_low), "ci_high": float(ci_high),
+            "p_value": float(mannwhitneyu(ref, cand, alternative="two-sided").pvalue)}
+
+
+# -----------------------------------------------------------------------------
+# the machine
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if is_cuda(device) else cpu_name()
+
+
+def best_rate(fn, work, device, seconds):
+    """Highest `work` per second that fn achieves. Calls are batched into rounds of about seconds/10, because a single
+    fast call (a 1024^3 matmul on a GPU) would mostly time the launch; the fastest round is the peak, slower rounds
+    are interference from other jobs."""
+    fn()
+    one_call = timed_call(fn, device)
+    calls = max(1, round(seconds / 10 / max(one_call, 1e-9)))
+
+    def batch():
+        for _ in range(calls):
+            fn()
+    timing = time_fn(batch, device=device, warmup=0, rounds=3, min_time_s=seconds)
+    return work * calls / timing.min_s
+
+
+def machine_peak(device, size=1024, seconds=1.0):
+    """Measured best matmul rate (GFLOP/s, 2*size^3 flops per matmul) and copy bandwidth (GB/s, bytes read + written)
+    at the current thread count. fp32 on CUDA follows torch's TF32 setting (off by default), as a model would."""
+    cuda = is_cuda(device)
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    share = seconds / (3 if cuda else 2)
+    result = {"matmul_gflops": best_rate(lambda: a @ b, 2 * size ** 3, device, share) / 1e9}
+    if cuda:
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        result["matmul_bf16_gflops"] = best_rate(lambda: a16 @ b16, 2 * size ** 3, device, share) / 1e9
+    # The source is written once (ones, not empty): untouched pages read as the shared zero page and would flatter
+    # the bandwidth.
+    src = torch.ones(COPY_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    result["memory_gbps"] = best_rate(lambda: dst.copy_(src), 2 * COPY_BYTES, device, share) / 1e9
+    result["threads"] = torch.get_num_threads()
+    result["device"] = device_name(device)
+    return result
+
+
+def describe_device(device):
+    """A fingerprint of the machine a number was measured on; GPU memory in GiB (2^30 bytes)."""
+    cuda = is_cuda(device)
+    props = torch.cuda.get_device_properties(device) if cuda else None
+    return {
+        "device": torch.device(device).type,
+        "name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "capability": f"{props.major}.{props.minor}" if cuda else None,
+        "gpu_memory_gb": round(props.total_memory / 2 ** 30, 1) if cuda else None,
+    }
