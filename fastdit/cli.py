@@ -163,6 +163,60 @@ def cmd_encode(args):
     print(f"encoded {len(latents)} images of {data.name} to {tuple(latents.shape[1:])} latents in {args.out}")
 
 
+def cmd_evaluator(args):
+    from fastdit.metrics.domain import save_classifier, train_classifier
+    model, acc, seconds = train_classifier(args.dataset, args.image_size, epochs=args.epochs, seed=args.seed)
+    path = save_classifier(model, args.dataset, args.image_size, acc, seconds)
+    print(f"domain evaluator {path}: test accuracy {acc:.4f}, trained in {seconds:.0f} s")
+
+
+def _eval_samples(args, profile, n):
+    """uint8 (N, S, S, 3) samples from an .npz, a checkpoint (profile protocol) or real images (the noise floor)."""
+    import numpy as np
+    from fastdit.metrics.quality import reference_images
+    if args.source.startswith("real:"):  # real images from another split: what a perfect model would score
+        split = args.source.split(":", 1)[1]
+        if split == args.split:
+            raise ValueError(f"real:{split} would overlap the reference split; use real:train with --split test")
+        return reference_images(profile.dataset, split, n, profile.image_size, profile.resize, seed=1)[0]
+    if args.source.endswith(".npz"):
+        with np.load(args.source) as f:
+            return f["arr_0"][:n]
+    from fastdit.diffusion import create_diffusion
+    from fastdit.models import load
+    from fastdit.sampling import generate, to_uint8
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.source, map_location=device)
+    x0, _ = generate(model, create_diffusion(profile.sampling_steps, learn_sigma=model.learn_sigma), range(n),
+                     seed=args.seed, cfg_scale=profile.cfg_scale, guided_channels=profile.guided_channels,
+                     sampler=profile.sampler, clip_denoised=profile.clip_denoised,
+                     batch_size=profile.sample_batch_size, device=device, progress=True)
+    return to_uint8(x0).numpy()
+
+
+def cmd_eval(args):
+    from fastdit.metrics.quality import get_evaluator, quality_metrics, reference_features
+    from fastdit.profiles import get_profile
+    profile = get_profile(args.profile)
+    n = args.num_samples or profile.fid_samples
+    evaluator = get_evaluator(args.evaluator or profile.evaluator, profile.dataset, profile.image_size,
+                              "cuda" if torch.cuda.is_available() else "cpu")
+    reference = reference_features(evaluator, profile.dataset, args.split, n, profile.image_size, profile.resize)
+    samples = _eval_samples(args, profile, n)
+    if len(samples) < n:
+        raise ValueError(f"{args.source} holds {len(samples)} images; the metrics were asked for {n}")
+    metrics = quality_metrics(evaluator.features(samples), reference)
+    protocol = dict(source=args.source, profile=profile.name, evaluator=evaluator.name,
+                    evaluator_sha256=evaluator.sha256[:16], n=n, reference=f"{profile.dataset}:{args.split}",
+                    image_size=profile.image_size)
+    if args.json:
+        print(json.dumps(dict(protocol=protocol, metrics=metrics), indent=2))
+        return
+    print(", ".join(f"{k} {v}" for k, v in protocol.items()))
+    for k, v in metrics.items():
+        print(f"  {k:<10} {v:12.5f}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastdit", description=__doc__)
     parser.add_argument("--version", action="version", version=_version())
@@ -232,6 +286,25 @@ def build_parser():
     p.add_argument("--device")
     p.add_argument("--out", required=True, help="output .npz (read back as --dataset latents:FILE)")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("eval", help="FID, sFID, KID, precision/recall of a checkpoint or .npz against real data")
+    p.add_argument("source", help="a checkpoint (sampled with the profile's protocol), an .npz of uint8 images "
+                   "(arr_0), or real:SPLIT for real images (the noise floor)")
+    p.add_argument("--profile", default="cpu", help="data set, resolution, sampler and N (default cpu)")
+    p.add_argument("--evaluator", choices=("domain", "inception"), help="default: the profile's")
+    p.add_argument("--num-samples", type=int, help="N per side (default: the profile's fid_samples)")
+    p.add_argument("--split", default="test", help="reference split of real images (default test)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for a checkpoint")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("evaluator", help="train the domain evaluator (a small classifier) and record its sha256")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluator)
     return parser
 
 
