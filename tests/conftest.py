@@ -23,3 +23,13 @@ def tiny_dit():
                              **overrides)
         return perturb(model, seed).eval()
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Pin torch to one thread for a test: tiny models gain nothing from more, they stall when other processes share
+    the CPU, and bit-exact comparisons between runs need the same kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,7 @@ TINY_DIFFUSERS = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16
                       out_channels=8, patch_size=2, sample_size=8, num_embeds_ada_norm=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: extra threads only add overhead, and stall badly while other processes share the CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(module, seed):

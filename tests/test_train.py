@@ -20,13 +20,7 @@ def digits():
     return x, y, k
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # bit-exact comparisons between runs need the same kernels: pin one thread for the whole test
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(path, key="ema"):

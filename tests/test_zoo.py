@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from fastdit import zoo
 from fastdit.profiles import PROFILES, get_profile
@@ -17,14 +16,13 @@ TINY = dict(variant="DiT-mXS/4", dataset="digits", image_size=8, batch_size=16, 
             model_kwargs=dict(depth=1))
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(zoo, "COMMITTED_ZOO", tmp_path / "committed")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
 
 
 def test_trained_once_then_cached(tmp_path):

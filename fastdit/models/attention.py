@@ -6,23 +6,11 @@ added by registering a class here, never by copying the block. Every variant map
 import torch.nn as nn
 import torch.nn.functional as F
 
-ATTENTION = {}
+from ..registry import Registry
 
-
-def register_attention(name):
-    """Class decorator: make an attention class available to DiT configs under `name`."""
-    def wrap(cls):
-        if name in ATTENTION:
-            raise ValueError(f"attention {name!r} is already registered")
-        ATTENTION[name] = cls
-        return cls
-    return wrap
-
-
-def build_attention(name, dim, num_heads, **kwargs):
-    if name not in ATTENTION:
-        raise ValueError(f"unknown attention {name!r}; registered: {', '.join(sorted(ATTENTION))}")
-    return ATTENTION[name](dim, num_heads, **kwargs)
+ATTENTION = Registry("attention")
+register_attention = ATTENTION.register  # class decorator: make an attention available to DiT configs by name
+build_attention = ATTENTION.build        # build_attention(name, dim, num_heads, **kwargs)
 
 
 @register_attention("mha")

@@ -4,23 +4,11 @@ A block builds its MLP with `build_mlp(name, dim, hidden_dim, **kwargs)`; every 
 """
 import torch.nn as nn
 
-MLP = {}
+from ..registry import Registry
 
-
-def register_mlp(name):
-    """Class decorator: make an MLP class available to DiT configs under `name`."""
-    def wrap(cls):
-        if name in MLP:
-            raise ValueError(f"mlp {name!r} is already registered")
-        MLP[name] = cls
-        return cls
-    return wrap
-
-
-def build_mlp(name, dim, hidden_dim, **kwargs):
-    if name not in MLP:
-        raise ValueError(f"unknown mlp {name!r}; registered: {', '.join(sorted(MLP))}")
-    return MLP[name](dim, hidden_dim, **kwargs)
+MLP = Registry("mlp")
+register_mlp = MLP.register  # class decorator: make an MLP available to DiT configs by name
+build_mlp = MLP.build        # build_mlp(name, dim, hidden_dim, **kwargs)
 
 
 @register_mlp("mlp")
