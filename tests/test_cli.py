@@ -106,3 +106,26 @@ def test_two_process_sampling_equals_one_process(tmp_path, pixel_checkpoint):
     with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
         assert one["arr_0"].shape == (10, 8, 8, 3)
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
+
+
+needs_fmnist = pytest.mark.skipif(not __import__("os").path.exists("/usr/share/datasets/fashion-mnist"),
+                                  reason="Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
+
+
+@needs_fmnist
+def test_eval_prints_metrics_of_an_npz_and_of_real_data(capsys, tmp_path):
+    from fastdit.metrics.quality import reference_images
+    images, _ = reference_images("fashion-mnist", "train", 200, 16, seed=3)
+    np.savez(tmp_path / "s.npz", arr_0=images)
+    code, out, err = run(capsys, "eval", str(tmp_path / "s.npz"), "--profile", "cpu", "--num-samples", "200",
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["protocol"]["n"] == 200 and result["protocol"]["evaluator"].startswith("fastdit-domain")
+    assert {"fid", "sfid", "kid_mean", "precision", "recall", "isc_mean"} <= set(result["metrics"])
+    code, out, _ = run(capsys, "eval", "real:train", "--profile", "cpu", "--num-samples", "200")
+    assert code == 0 and "fid" in out and "precision" in out
+    code, _, err = run(capsys, "eval", "real:test", "--profile", "cpu", "--num-samples", "200")
+    assert code == 2 and "overlap" in err
+    code, _, err = run(capsys, "eval", str(tmp_path / "s.npz"), "--profile", "cpu", "--num-samples", "500")
+    assert code == 2 and "holds 200 images" in err
