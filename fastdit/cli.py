@@ -318,6 +318,10 @@ def _version():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if torch.cuda.is_available():
+        # TF32 matmuls on CUDA, as DiT's and fast-DiT's scripts set them: 3-6x faster than fp32 for these models.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
