@@ -1,10 +1,12 @@
-"""The `fastdit` command line: list, train and sample DiT models; pre-extract latents."""
+"""The `fastdit` command line: list, train, sample and evaluate DiT models; pre-extract latents."""
 import argparse
 import json
 import os
 import sys
 
 import torch
+
+from fastdit.files import atomic_write
 
 
 def _uninitialized_model(name, **data):
@@ -170,7 +172,7 @@ def cmd_evaluator(args):
     print(f"domain evaluator {path}: test accuracy {acc:.4f}, trained in {seconds:.0f} s")
 
 
-def _eval_samples(args, profile, n):
+def _eval_samples(args, profile, n, seed):
     """uint8 (N, S, S, 3) samples from an .npz, a checkpoint (profile protocol) or real images (the noise floor)."""
     import numpy as np
     from fastdit.metrics.quality import reference_images
@@ -178,7 +180,7 @@ def _eval_samples(args, profile, n):
         split = args.source.split(":", 1)[1]
         if split == args.split:
             raise ValueError(f"real:{split} would overlap the reference split; use real:train with --split test")
-        return reference_images(profile.dataset, split, n, profile.image_size, profile.resize, seed=1)[0]
+        return reference_images(profile.dataset, split, n, profile.image_size, profile.resize, seed=seed + 1)[0]
     if args.source.endswith(".npz"):
         with np.load(args.source) as f:
             return f["arr_0"][:n]
@@ -188,27 +190,44 @@ def _eval_samples(args, profile, n):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.source, map_location=device)
     x0, _ = generate(model, create_diffusion(profile.sampling_steps, learn_sigma=model.learn_sigma), range(n),
-                     seed=args.seed, cfg_scale=profile.cfg_scale, guided_channels=profile.guided_channels,
+                     seed=seed, cfg_scale=profile.cfg_scale, guided_channels=profile.guided_channels,
                      sampler=profile.sampler, clip_denoised=profile.clip_denoised,
                      batch_size=profile.sample_batch_size, device=device, progress=True)
     return to_uint8(x0).numpy()
 
 
 def cmd_eval(args):
-    from fastdit.metrics.quality import get_evaluator, quality_metrics, reference_features
+    from fastdit.metrics.quality import calibrate_noise, get_evaluator, quality_metrics, reference_features
     from fastdit.profiles import get_profile
     profile = get_profile(args.profile)
     n = args.num_samples or profile.fid_samples
     evaluator = get_evaluator(args.evaluator or profile.evaluator, profile.dataset, profile.image_size,
                               "cuda" if torch.cuda.is_available() else "cpu")
     reference = reference_features(evaluator, profile.dataset, args.split, n, profile.image_size, profile.resize)
-    samples = _eval_samples(args, profile, n)
-    if len(samples) < n:
-        raise ValueError(f"{args.source} holds {len(samples)} images; the metrics were asked for {n}")
-    metrics = quality_metrics(evaluator.features(samples), reference)
+
+    def samples(seed):
+        images = _eval_samples(args, profile, n, seed)
+        if len(images) < n:
+            raise ValueError(f"{args.source} holds {len(images)} images; the metrics were asked for {n}")
+        return images
+
     protocol = dict(source=args.source, profile=profile.name, evaluator=evaluator.name,
                     evaluator_sha256=evaluator.sha256[:16], n=n, reference=f"{profile.dataset}:{args.split}",
-                    image_size=profile.image_size)
+                    image_size=profile.image_size, sampler=profile.sampler, steps=profile.sampling_steps,
+                    cfg_scale=profile.cfg_scale)
+    if args.calibrate:  # seed-to-seed spread: what a regression tolerance must sit above
+        if args.source.endswith(".npz"):
+            raise ValueError("--calibrate draws new samples per seed: give a checkpoint or real:SPLIT, not an .npz")
+        seeds = list(range(args.seed, args.seed + args.calibrate))
+        noise = calibrate_noise(samples, reference, seeds, evaluator)
+        result = dict(protocol=dict(protocol, seeds=seeds), noise=noise)
+        if args.out:
+            atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=2, sort_keys=True).encode()))
+        print(json.dumps(result, indent=2) if args.json else "\n".join(
+            [", ".join(f"{k} {v}" for k, v in result["protocol"].items())] +
+            [f"  {k:<10} {v['mean']:12.5f} +- {v['std']:.5f}" for k, v in noise.items()]))
+        return
+    metrics = quality_metrics(evaluator.features(samples(args.seed)), reference)
     if args.json:
         print(json.dumps(dict(protocol=protocol, metrics=metrics), indent=2))
         return
@@ -296,6 +315,9 @@ def build_parser():
     p.add_argument("--split", default="test", help="reference split of real images (default test)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for a checkpoint")
     p.add_argument("--device")
+    p.add_argument("--calibrate", type=int, metavar="K",
+                   help="measure the seed-to-seed spread of every metric over K sampling seeds")
+    p.add_argument("--out", help="with --calibrate: write the spread and its protocol to this JSON file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

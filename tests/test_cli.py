@@ -129,3 +129,16 @@ def test_eval_prints_metrics_of_an_npz_and_of_real_data(capsys, tmp_path):
     assert code == 2 and "overlap" in err
     code, _, err = run(capsys, "eval", str(tmp_path / "s.npz"), "--profile", "cpu", "--num-samples", "500")
     assert code == 2 and "holds 200 images" in err
+
+
+@needs_fmnist
+def test_eval_calibrates_the_seed_to_seed_spread_of_a_zoo_model(capsys, tmp_path):
+    out = tmp_path / "noise.json"
+    from fastdit.zoo import COMMITTED_ZOO
+    code, _, err = run(capsys, "eval", str(COMMITTED_ZOO / "cpu" / "DiT-mXS_4.pt"), "--profile", "cpu", "--num-samples",
+                       "100", "--calibrate", "2", "--out", str(out), "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["protocol"]["seeds"] == [0, 1] and result["protocol"]["sampler"] == "ddim"
+    fid = result["noise"]["fid"]
+    assert len(fid["values"]) == 2 and fid["values"][0] != fid["values"][1] and fid["std"] > 0
