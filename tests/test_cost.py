@@ -207,3 +207,18 @@ def test_machine_peak_and_describe_device_cuda():
     d = describe_device("cuda")
     assert d["device"] == "cuda" and d["cuda"] == torch.version.cuda and d["gpu_memory_gb"] > 0
     assert d["capability"] == "{}.{}".format(*torch.cuda.get_device_capability())
+
+
+def test_forward_and_sampling_throughput_in_both_modes(tiny_dit):
+    from fastdit.diffusion import create_diffusion
+    from fastdit.metrics.cost import forward_throughput, sampling_throughput
+    model = tiny_dit(input_size=8, in_channels=1, num_classes=10)
+    eager = forward_throughput(model, batch_size=4, device="cpu", rounds=3, threads=1)
+    assert eager["forwards_per_s"] > 0 and eager["images_per_s"] == pytest.approx(4 * eager["forwards_per_s"])
+    assert eager["timing"].rounds == 3
+    compiled = forward_throughput(model, batch_size=4, device="cpu", mode="compile", warmup=1, rounds=2, threads=1)
+    assert compiled["mode"] == "compile" and compiled["forwards_per_s"] > 0
+    sampled = sampling_throughput(model, create_diffusion(3), 5, device="cpu", rounds=2, threads=1)
+    assert sampled["steps"] == 3 and sampled["images_per_s"] > 0
+    with pytest.raises(ValueError, match="execution mode"):
+        forward_throughput(model, device="cpu", mode="jit")

@@ -18,7 +18,7 @@ import torch
 from scipy.stats import mannwhitneyu
 from torch.profiler import ProfilerActivity, profile
 
-from .flops import analyze
+from .flops import analyze, example_inputs
 
 # A DiT block's sub-layers as fvcore's by_module names them. Anchored on `blocks.i.` because the timestep embedder
 # also has a child called `mlp` (t_embedder.mlp), which is embedding work, not a transformer MLP.
@@ -177,6 +177,46 @@ def time_interleaved(fns, *, device, warmup=3, rounds=20, threads=None):
                 name = names[(r + i) % len(names)]
                 samples[name].append(timed_call(fns[name], device))
     return {name: Timing.from_samples(samples[name]) for name in names}
+
+
+def prepare_mode(model, mode):
+    """The model as it will run: "eager", or "compile" (torch.compile; its warm-up calls pay the compilation)."""
+    if mode == "eager":
+        return model
+    if mode == "compile":
+        return torch.compile(model)
+    raise ValueError(f"unknown execution mode {mode!r}; use eager or compile")
+
+
+def forward_throughput(model, batch_size=1, *, device, mode="eager", warmup=3, rounds=20, threads=None):
+    """One denoising step: forwards/s (what arXiv 2509.17894 called "image/s" at batch 1) and images/s.
+
+    Inputs are the seeded example_inputs; gradients are off (inference_mode).
+    """
+    runner = prepare_mode(model.eval(), mode)
+    x, t, y = example_inputs(model, batch_size, device)
+    with torch.inference_mode():
+        timing = time_fn(lambda: runner(x, t, y), device=device, warmup=warmup, rounds=rounds, threads=threads)
+    return dict(mode=mode, batch_size=batch_size, forwards_per_s=timing.per_second(),
+                images_per_s=timing.per_second(batch_size), timing=timing)
+
+
+def sampling_throughput(model, diffusion, batch_size, *, device, sampler="ddim", mode="eager", warmup=1, rounds=3,
+                        threads=None, **generate_kwargs):
+    """Full sampling: images/s of `batch_size` samples through every step of `diffusion` (a respaced chain).
+
+    With mode "compile" the plain forward is compiled; guidance (cfg_scale > 1) goes through forward_with_cfg,
+    which runs eagerly.
+    """
+    from ..sampling import generate
+    runner = prepare_mode(model.eval(), mode)  # a compiled module still answers in_channels, input_size, ...
+
+    def run():
+        generate(runner, diffusion, range(batch_size), sampler=sampler, batch_size=batch_size, device=device,
+                 **generate_kwargs)
+    timing = time_fn(run, device=device, warmup=warmup, rounds=rounds, threads=threads)
+    return dict(mode=mode, batch_size=batch_size, steps=diffusion.num_timesteps, sampler=sampler,
+                images_per_s=timing.per_second(batch_size), timing=timing)
 
 
 def speedup(reference, candidate, n_boot=2000, seed=0):
