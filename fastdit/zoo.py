@@ -37,9 +37,10 @@ def zoo_key(config, data_fingerprint):
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def training_data(config):
-    """(x (N, C, S, S) in [-1, 1], labels, num_classes, fingerprint) of a TrainConfig's data set."""
-    data = load_dataset(config.dataset, "train")
+def training_data(config, data=None):
+    """(x (N, C, S, S) in [-1, 1], labels, num_classes, fingerprint) of a TrainConfig's data set (or of `data`,
+    its already loaded train split)."""
+    data = data or load_dataset(config.dataset, "train")
     if hasattr(data, "latents"):
         x = torch.from_numpy(data.latents)
     else:
@@ -58,8 +59,8 @@ def reference_model(profile, variant, *, device="cpu", progress=True):
 
 def ensure_trained(config, *, committed=None, progress=True):
     """Path of the trained model for `config` (committed, cached, or trained now) and its provenance."""
-    x, y, num_classes, fingerprint = training_data(config)
-    key = zoo_key(config, fingerprint)
+    data = load_dataset(config.dataset, "train")  # its fingerprint is part of the key
+    key = zoo_key(config, data.fingerprint)
     if committed:
         found = _committed(committed, config.variant, key)
         if found:
@@ -73,6 +74,7 @@ def ensure_trained(config, *, committed=None, progress=True):
         found = _cached(folder)  # another process may have finished it while we waited for the lock
         if found:
             return found
+        x, y, num_classes, _ = training_data(config, data)  # prepared only when there is something to train
         stats = train(config, x, y, num_classes, folder / "work", ckpt_every=max(config.steps // 10, 50),
                       progress=progress)
         return _publish(folder, stats, config, key)
