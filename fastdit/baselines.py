@@ -24,6 +24,7 @@ from .files import atomic_write
 
 DIRECTIONS = ("lower", "higher", "equal")  # which way is better; "equal": any change is a change
 RULES = ("exact", "relative", "noise", "ratio")
+SCOPES = ("any", "hardware", "machine")  # where an entry applies: see fastdit.harness.gate
 REQUIRED = {"value": (int, float), "unit": str, "direction": str, "rule": dict, "protocol": dict, "machine": dict,
             "date": str, "reason": str}
 
@@ -95,6 +96,8 @@ def _validate_entry(entry, where):
         raise BaselineError(f"{where}: direction {entry['direction']!r} is not one of {', '.join(DIRECTIONS)}")
     if entry["rule"].get("kind") not in RULES:
         raise BaselineError(f"{where}: rule kind {entry['rule'].get('kind')!r} is not one of {', '.join(RULES)}")
+    if entry.get("scope", "any") not in SCOPES:
+        raise BaselineError(f"{where}: scope {entry.get('scope')!r} is not one of {', '.join(SCOPES)}")
     noise = entry.get("noise")
     if noise is not None and (not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0):
         raise BaselineError(f"{where}: noise {noise!r} must be a finite number >= 0 or null")

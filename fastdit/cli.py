@@ -184,16 +184,11 @@ def _eval_samples(args, profile, n, seed):
     if args.source.endswith(".npz"):
         with np.load(args.source) as f:
             return f["arr_0"][:n]
-    from fastdit.diffusion import create_diffusion
     from fastdit.models import load
-    from fastdit.sampling import generate, to_uint8
+    from fastdit.sampling import sample_profile
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(args.source, map_location=device)
-    x0, _ = generate(model, create_diffusion(profile.sampling_steps, learn_sigma=model.learn_sigma), range(n),
-                     seed=seed, cfg_scale=profile.cfg_scale, guided_channels=profile.guided_channels,
-                     sampler=profile.sampler, clip_denoised=profile.clip_denoised,
-                     batch_size=profile.sample_batch_size, device=device, progress=True)
-    return to_uint8(x0).numpy()
+    return sample_profile(load(args.source, map_location=device), profile, n, seed=seed, device=device,
+                          progress=True)[0]
 
 
 def cmd_eval(args):

@@ -28,6 +28,7 @@ class Profile:
     fid_samples: int                 # N for FID / sFID
     evaluator: str                   # "domain" (the project's classifier) or "inception"
     throughput_batch_sizes: tuple
+    quick_variants: tuple = ()       # the representative variants of the quick tier (the CI gate)
     zoo: str = "cache"               # "committed": weights ship in fastdit/weights/<profile>; "cache": trained on use
     sample_batch_size: int = 250
     extra: dict = field(default_factory=dict)
@@ -60,6 +61,7 @@ PROFILES = {
         fid_samples=1000,
         evaluator="domain",
         throughput_batch_sizes=(1, 64),
+        quick_variants=("DiT-mS/4",),
         zoo="committed",
     ),
     "gpu": Profile(
@@ -79,6 +81,7 @@ PROFILES = {
         fid_samples=10_000,
         evaluator="inception",
         throughput_batch_sizes=(1, 64, 256),
+        quick_variants=("DiT-S/2",),
         sample_batch_size=500,
     ),
     "paper": Profile(
@@ -98,6 +101,7 @@ PROFILES = {
         fid_samples=10_000,
         evaluator="inception",
         throughput_batch_sizes=(1, 64, 256),
+        quick_variants=("DiT-S/2",),
         extra=dict(num_classes=200, vae_scale=0.18215),
     ),
 }

@@ -90,6 +90,18 @@ def generate(model, diffusion, indices, *, seed=0, labels=None, cfg_scale=1.0, g
     return x0, labels
 
 
+def sample_profile(model, profile, n, *, seed=0, device=None, progress=False):
+    """n samples of `model` under a profile's sampling protocol (sampler, steps, guidance, clipping, batch size) as
+    uint8 images (N, S, S, 3), with their labels."""
+    from .diffusion import create_diffusion
+    diffusion = create_diffusion(profile.sampling_steps, learn_sigma=model.learn_sigma)
+    x0, labels = generate(model, diffusion, range(n), seed=seed, cfg_scale=profile.cfg_scale,
+                          guided_channels=profile.guided_channels, sampler=profile.sampler,
+                          clip_denoised=profile.clip_denoised, batch_size=profile.sample_batch_size, device=device,
+                          progress=progress)
+    return to_uint8(x0).numpy(), labels
+
+
 def generate_distributed(model, diffusion, num_samples, *, batch_size=64, **kwargs):
     """Samples 0..num_samples-1 drawn by every torch.distributed process together (as DiT's sampler does).
 

@@ -1,0 +1,178 @@
+"""The regression gate: one measured metric against its stored baseline -> a verdict.
+
+Each metric kind has its own rule, the way benchmark tools that teams trust decide (asv, Conbench, TorchBench):
+
+    exact      parameters, bytes, GMACs: deterministic, so any change is reported; a change in the bad direction fails
+    noise      quality (FID, sFID, KID, ...): fails when worse by more than max(floor, k x calibrated seed-to-seed
+               noise)
+    ratio      speed as a ratio to a yardstick measured in the same run, interleaved (machine-independent): fails when
+               worse by more than `threshold` *and* the drop is significant (the ratio's 95% bootstrap CI lies
+               wholly on the bad side of the baseline); a CI wider than `max_ci_width` is "unstable", not a verdict
+    relative   memory and absolute times: fails when worse by more than `tolerance` (a fraction of the baseline)
+
+A metric's scope says where its baseline applies: "any" machine (exact counts, quality, speed ratios between two
+models), the same "hardware" (efficiency against a matmul yardstick: same device name), or the same "machine"
+(absolute times: identical fingerprint, threads and xdist workers included). Elsewhere it is reported as having no
+baseline for this machine, and gated nowhere. Any difference in the protocol (the
+fields that change the number: variant, data, sampler, N, evaluator, dtype, ...) is a failure that names the field:
+numbers measured under different protocols are never compared.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+# Outcomes, and whether each fails the test.
+PASSED, IMPROVED, REGRESSED = "passed", "improved", "regressed"
+NO_BASELINE, MISMATCH, UNSTABLE, RECORDED = "no baseline", "protocol mismatch", "unstable", "recorded"
+FAILING = {REGRESSED, MISMATCH}
+
+DEFAULT_RULES = {
+    "exact": {"kind": "exact"},
+    "quality": {"kind": "noise", "k": 3.0, "floor": 0.0},
+    "speed": {"kind": "ratio", "threshold": 0.10, "max_ci_width": 0.25},
+    "memory": {"kind": "relative", "tolerance": 0.10},
+    "time": {"kind": "relative", "tolerance": 0.25},
+}
+
+
+@dataclass
+class Measurement:
+    """One metric as measured now, with everything the gate and the baseline file need."""
+    metric: str
+    value: float
+    unit: str
+    direction: str                     # "lower" or "higher" is better; "equal": any change is a regression
+    rule: dict
+    protocol: dict
+    noise: float | None = None         # calibrated spread (quality) or measured spread (speed), same unit as value
+    scope: str = "any"                 # where a baseline applies: "any", "hardware" or "machine" (see above)
+    ci: tuple | None = None            # 95% CI of value (speed ratios)
+    p_value: float | None = None       # Mann-Whitney p of candidate vs reference timings (speed ratios; reported)
+    extra: dict = field(default_factory=dict)
+
+    def entry(self, machine, date, reason):
+        """The baseline-file entry recording this measurement."""
+        return dict(value=float(self.value), unit=self.unit, direction=self.direction, rule=dict(self.rule),
+                    noise=None if self.noise is None else float(self.noise), protocol=dict(self.protocol),
+                    machine=dict(machine), scope=self.scope, date=date, reason=reason)
+
+
+@dataclass
+class Verdict:
+    metric: str
+    outcome: str
+    value: float
+    baseline: float | None
+    unit: str
+    detail: str
+
+    @property
+    def failed(self):
+        return self.outcome in FAILING
+
+    @property
+    def delta(self):
+        if self.baseline is None:
+            return None
+        return self.value - self.baseline
+
+    def as_dict(self):
+        return dict(asdict(self), delta=self.delta)
+
+
+def judge(m, stored, machine):
+    """The verdict for Measurement `m` against the stored baseline entry (None: nothing stored for this metric)."""
+    def verdict(outcome, detail):
+        return Verdict(m.metric, outcome, float(m.value), None if stored is None else float(stored["value"]), m.unit,
+                       detail)
+
+    if stored is None:
+        return verdict(NO_BASELINE, "nothing stored for this metric")
+    mismatch = protocol_difference(stored["protocol"], m.protocol)
+    if mismatch:
+        return verdict(MISMATCH, mismatch)
+    other = machine_difference(stored["machine"], machine, m.scope)
+    if other:
+        return Verdict(m.metric, NO_BASELINE, float(m.value), None, m.unit,
+                       f"gated only on the same {m.scope}; the baseline was recorded on another ({other})")
+    rule = stored["rule"]
+    kind = rule["kind"]
+    base = float(stored["value"])
+    worse = _worse(m.value, base, stored["direction"])          # > 0: changed in the bad direction, in value units
+    if kind == "exact":
+        if m.value == base:
+            return verdict(PASSED, "unchanged")
+        if stored["direction"] == "equal" or worse > 0:
+            return verdict(REGRESSED, f"changed from {base:g} to {m.value:g}")
+        return verdict(IMPROVED, f"changed from {base:g} to {m.value:g}")
+    if kind == "noise":
+        noise = stored.get("noise") or 0.0
+        tolerance = max(rule.get("floor", 0.0), rule.get("k", 3.0) * noise)
+        if tolerance <= 0:
+            return verdict(UNSTABLE, "no calibrated noise stored: record the baseline again to calibrate it")
+        why = f"tolerance max(floor {rule.get('floor', 0.0):g}, {rule.get('k', 3.0):g} x noise {noise:.3g}) " \
+              f"= {tolerance:.3g}"
+        return _by_tolerance(verdict, worse, tolerance, why)
+    if kind == "relative":
+        tolerance = rule["tolerance"] * abs(base)
+        return _by_tolerance(verdict, worse, tolerance, f"tolerance {rule['tolerance']:.0%} of the baseline")
+    if kind == "ratio":
+        return _judge_ratio(verdict, m, base, stored["direction"], rule)
+    raise ValueError(f"unknown rule kind {kind!r}")
+
+
+def _worse(value, base, direction):
+    if direction == "higher":
+        return base - value
+    if direction == "lower":
+        return value - base
+    return abs(value - base)
+
+
+def _by_tolerance(verdict, worse, tolerance, why):
+    if worse > tolerance:
+        return verdict(REGRESSED, f"worse by {worse:.3g} > {why}")
+    if -worse > tolerance:
+        return verdict(IMPROVED, f"better by {-worse:.3g} > {why}")
+    return verdict(PASSED, f"within {why}")
+
+
+def _judge_ratio(verdict, m, base, direction, rule):
+    """Speed ratios (higher is better). A drop must be both large (threshold) and significant (CI, p-value)."""
+    if direction != "higher":
+        raise ValueError(f"ratio rules gate speed ratios, where higher is better; got direction {direction!r}")
+    low, high = m.ci if m.ci else (m.value, m.value)
+    width = (high - low) / m.value if m.value > 0 else math.inf
+    if width > rule["max_ci_width"]:
+        return verdict(UNSTABLE, f"95% CI [{low:.3g}, {high:.3g}] is {width:.0%} wide (> {rule['max_ci_width']:.0%}): "
+                                 "too noisy to judge on this machine now")
+    change = m.value / base - 1
+    if change < -rule["threshold"] and high < base:
+        return verdict(REGRESSED, f"{-change:.1%} slower than the baseline ratio (threshold {rule['threshold']:.0%}; "
+                                  f"CI [{low:.3g}, {high:.3g}] excludes {base:.3g})")
+    if change > rule["threshold"] and low > base:
+        return verdict(IMPROVED, f"{change:.1%} faster than the baseline ratio (CI [{low:.3g}, {high:.3g}])")
+    return verdict(PASSED, f"{change:+.1%} vs the baseline ratio, within the {rule['threshold']:.0%} threshold "
+                           "or not significant")
+
+
+def protocol_difference(stored, now):
+    """'' when the protocols agree, else a sentence naming the first field that differs."""
+    for key in sorted(set(stored) | set(now)):
+        if stored.get(key) != now.get(key):
+            return f"protocol field {key!r} is {now.get(key)!r} now but {stored.get(key)!r} in the baseline"
+    return ""
+
+
+# The fingerprint fields that must agree for a baseline of each scope to apply.
+SCOPE_FIELDS = {"any": (), "hardware": ("device", "name"),
+                "machine": ("device", "name", "threads", "workers", "torch", "cuda", "capability")}
+
+
+def machine_difference(stored, now, scope):
+    """'' when a baseline of `scope` recorded on machine `stored` applies here, else the first differing field."""
+    if scope not in SCOPE_FIELDS:
+        raise ValueError(f"unknown scope {scope!r}; use one of {', '.join(SCOPE_FIELDS)}")
+    for key in SCOPE_FIELDS[scope]:
+        if stored.get(key) != now.get(key):
+            return f"{key} {stored.get(key)!r} vs {now.get(key)!r} here"
+    return ""

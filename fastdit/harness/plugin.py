@@ -1,0 +1,141 @@
+"""The pytest plugin behind `pytest bench`: options, tiers, the `bench` fixture, the summary table and the report.
+
+Loaded by the repository's root conftest.py (`pytest_plugins = ["fastdit.harness.plugin"]`); a team that installs
+fastdit in its own repository loads it the same way.
+"""
+from pathlib import Path
+
+import pytest
+
+from ..techniques import stack_id
+from .gate import IMPROVED, NO_BASELINE, UNSTABLE
+from .session import PROPERTY, Bench
+
+TIERS = ("quick", "full")
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("fastdit", "fastdit benchmark suite")
+    g.addoption("--profile", dest="fastdit_profile", default=None,
+                help="benchmark profile: cpu, gpu or paper (default: gpu with CUDA, else cpu)")
+    g.addoption("--device", dest="fastdit_device", default=None, help="torch device (default: cuda if available)")
+    g.addoption("--tier", dest="fastdit_tier", default="quick", choices=TIERS,
+                help="quick: the CI gate, representative rows; full: every variant x setting")
+    g.addoption("--baselines", dest="fastdit_baselines", default=None, metavar="DIR",
+                help="baseline directory (default: <rootdir>/baselines)")
+    g.addoption("--update-baselines", dest="fastdit_update_baselines", action="store_true",
+                help="record this run's figures as the baselines (needs --baseline-reason)")
+    g.addoption("--baseline-reason", dest="fastdit_baseline_reason", default=None, metavar="TEXT",
+                help="why the baselines change; stored with every updated entry")
+    g.addoption("--bench-report", dest="fastdit_bench_report", default=None, metavar="DIR",
+                help="write report.md, pareto.png and benchmark.json (pytest-benchmark format) to DIR")
+    g.addoption("--fid-samples", dest="fastdit_fid_samples", type=int, default=None, metavar="N",
+                help="override the profile's sample count for FID (changes the protocol: no baseline matches)")
+    g.addoption("--calibration-seeds", dest="fastdit_calibration_seeds", type=int, default=3, metavar="K",
+                help="seeds sampled per quality row when recording baselines, to calibrate the noise (default 3)")
+    g.addoption("--rounds", dest="fastdit_rounds", type=int, default=None, metavar="R",
+                help="timed rounds per speed measurement (default: per test)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench_full: runs only with --tier full")
+    if config.getoption("fastdit_update_baselines") and not (config.getoption("fastdit_baseline_reason") or "").strip():
+        raise pytest.UsageError("--update-baselines needs --baseline-reason \"...\": every baseline change says why")
+    if config.getoption("fastdit_calibration_seeds") < 2:
+        raise pytest.UsageError("--calibration-seeds must be at least 2 to measure a spread")
+    config._fastdit_records = []
+    config.pluginmanager.register(_Collector(config), "fastdit-collector")
+
+
+class _Collector:
+    """Collects every test's verdicts on the controller (xdist ships user_properties with each report)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call":
+            self.config._fastdit_records += [record for key, record in report.user_properties if key == PROPERTY]
+
+
+@pytest.fixture(scope="session")
+def bench(request):
+    """The session's Bench: profile, device, baselines, measuring and gating helpers."""
+    config = request.config
+    if not hasattr(config, "_fastdit_bench"):
+        config._fastdit_bench = Bench(config)
+    return config._fastdit_bench
+
+
+def pytest_collection_modifyitems(config, items):
+    """Early, clear errors: a corrupt baseline file or an unknown profile stops the run before any measuring."""
+    if any("bench" in getattr(item, "fixturenames", ()) for item in items) and not hasattr(config, "_fastdit_bench"):
+        from ..baselines import BaselineError
+        try:
+            config._fastdit_bench = Bench(config)
+        except BaselineError as err:
+            raise pytest.UsageError(str(err)) from None
+    if config.getoption("fastdit_tier") != "full":
+        keep = [i for i in items if not i.get_closest_marker("bench_full")]
+        if len(keep) != len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("bench_full")])
+            items[:] = keep
+
+
+def pytest_generate_tests(metafunc):
+    """`variant` fixtures take the profile's variants: all of them with --tier full, else the quick ones.
+    `setting` fixtures take the module's SETTINGS; those not in its QUICK list are marked full-tier only."""
+    config = metafunc.config
+    if "variant" in metafunc.fixturenames and not _parametrized(metafunc, "variant"):
+        from ..profiles import default_profile, get_profile
+        profile = get_profile(config.getoption("fastdit_profile") or default_profile())
+        full = config.getoption("fastdit_tier") == "full"
+        quick = profile.quick_variants
+        params = [pytest.param(v, id=v, marks=() if v in quick else pytest.mark.bench_full)
+                  for v in profile.variants if full or v in quick]
+        metafunc.parametrize("variant", params)
+    if "setting" in metafunc.fixturenames and not _parametrized(metafunc, "setting"):
+        settings = getattr(metafunc.module, "SETTINGS", None)
+        if settings is None:
+            raise pytest.UsageError(f"{metafunc.module.__name__} uses the `setting` fixture but defines no SETTINGS")
+        quick = set(getattr(metafunc.module, "QUICK", ()))
+        params = [pytest.param(s, id=stack_id(s), marks=() if stack_id(s) in quick else pytest.mark.bench_full)
+                  for s in settings]
+        metafunc.parametrize("setting", params)
+
+
+def _parametrized(metafunc, name):
+    return any(name in m.args[0] for m in metafunc.definition.iter_markers("parametrize"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    records = getattr(config, "_fastdit_records", [])
+    if not records:
+        return
+    from .report import summary_rows, write_report
+    tr = terminalreporter
+    tr.section("fastdit gate")
+    rows = summary_rows(records)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        tr.write_line("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    counts = {}
+    for rec in records:
+        for m in rec["metrics"]:
+            counts[m["outcome"]] = counts.get(m["outcome"], 0) + 1
+    tr.write_line("")
+    tr.write_line("verdicts: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if counts.get(IMPROVED):
+        tr.write_line("improvements: review them, then record with "
+                      "`pytest bench --update-baselines --baseline-reason \"...\"`")
+    if counts.get(NO_BASELINE):
+        tr.write_line("metrics without a baseline for this profile/machine are not gated: record them with "
+                      "`pytest bench --update-baselines --baseline-reason \"...\"`")
+    if counts.get(UNSTABLE):
+        tr.write_line("unstable: the spread was too large to judge (busy machine?); not gated")
+    report_dir = config.getoption("fastdit_bench_report")
+    if report_dir:
+        paths = write_report(records, Path(report_dir))
+        tr.write_line("report: " + ", ".join(str(p) for p in paths))
+

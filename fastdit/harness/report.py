@@ -1,0 +1,166 @@
+"""What a bench run leaves behind: the summary table, and with --bench-report DIR a report a reviewer can read.
+
+    report.md       one table per scale (the trained zoo, the paper-scale models) with a row per technique x variant,
+                    the paper's columns (FID, sFID, GMACs, params, size, peak memory, time, speedup), then every
+                    verdict of the gate
+    pareto.png      quality against speed for the zoo rows, with the Pareto front
+    benchmark.json  every timing in pytest-benchmark's JSON format, so `pytest-benchmark compare` reads it
+
+Records are the dicts Bench.check attaches to each test report (see fastdit.harness.session).
+"""
+import datetime
+import json
+import math
+from pathlib import Path
+
+from ..files import atomic_write
+
+# Report columns: (metric, header, format).
+COLUMNS = [
+    ("fid", "FID", "{:.3f}"), ("sfid", "sFID", "{:.3f}"), ("kid_mean", "KID", "{:.4f}"),
+    ("gmacs", "GMACs", "{:.3f}"), ("params", "params (M)", lambda v: f"{v / 1e6:.3f}"),
+    ("size_bytes", "size (MB)", lambda v: f"{v / 1e6:.2f}"),
+    ("peak_memory_bytes", "peak mem (MB)", lambda v: f"{v / 1e6:.1f}"),
+    ("forward_ms", "forward (ms)", "{:.2f}"), ("forward_speedup", "speedup", "{:.2f}x"),
+    ("forward_efficiency", "of matmul", "{:.0%}"),
+]
+
+
+def _short(test_id):
+    return test_id[len("bench/"):] if test_id.startswith("bench/") else test_id
+
+
+def _num(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and (abs(v) >= 1e5 or (0 < abs(v) < 1e-3)):
+        return f"{v:.4g}"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def summary_rows(records):
+    """The end-of-run table: one row per (test, metric)."""
+    rows = [("test", "metric", "baseline", "now", "delta", "verdict")]
+    for rec in sorted(records, key=lambda r: r["test"]):
+        for m in rec["metrics"]:
+            delta = m.get("delta")
+            rows.append((_short(rec["test"]), m["metric"], _num(m.get("baseline")), _num(m["value"]),
+                         "-" if delta is None else f"{delta:+.4g}", m["outcome"]))
+    return rows
+
+
+def rows_by_model(records):
+    """{scale: {(technique, variant): {metric: value}}}, merging the tests that measured the same model."""
+    out = {}
+    for rec in records:
+        for m in rec["metrics"]:
+            p = m["protocol"]
+            key = (p.get("technique", "reference"), p.get("variant", "?"))
+            out.setdefault(p.get("scale", "zoo"), {}).setdefault(key, {})[m["metric"]] = m["value"]
+    return out
+
+
+def markdown(records):
+    machine = records[0]["machine"] if records else {}
+    lines = [f"# fastdit bench report ({datetime.date.today().isoformat()})", "",
+             f"Profile `{records[0]['profile'] if records else '?'}` on {machine.get('name', '?')} "
+             f"({machine.get('device', '?')}, torch {machine.get('torch', '?')}, "
+             f"xdist workers {machine.get('workers', 0)}).", ""]
+    peak = next((r["info"]["machine_peak"] for r in records if "machine_peak" in r.get("info", {})), None)
+    if peak:
+        lines += [f"Machine limits (1 thread on CPU): matmul {peak['matmul_gflops']:.1f} GFLOP/s, copy "
+                  f"{peak['memory_gbps']:.1f} GB/s.", ""]
+    for scale, rows in sorted(rows_by_model(records).items()):
+        present = [c for c in COLUMNS if any(c[0] in v for v in rows.values())]
+        lines += [f"## {'trained zoo' if scale == 'zoo' else 'paper scale (32x32x4, 200 classes)'}", "",
+                  "| technique | variant | " + " | ".join(c[1] for c in present) + " |",
+                  "|---|---|" + "---|" * len(present)]
+        for (tech, variant), values in sorted(rows.items(), key=lambda kv: (kv[0][0] != "reference", kv[0])):
+            cells = []
+            for metric, _, fmt in present:
+                v = values.get(metric)
+                cells.append("-" if v is None else (fmt(v) if callable(fmt) else fmt.format(v)))
+            lines.append(f"| {tech} | {variant} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Verdicts", "", "| test | metric | baseline | now | delta | verdict |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in summary_rows(records)[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(points):
+    """Indices of the points not dominated in (higher speed, lower fid)."""
+    front = []
+    for i, (s, f) in enumerate(points):
+        if not any((s2 >= s and f2 <= f) and (s2 > s or f2 < f) for s2, f2 in points):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pareto_plot(records, path):
+    """FID against forward speedup over the reference (the reference sits at 1x) for the zoo rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = rows_by_model(records).get("zoo", {})
+    pts, labels = [], []
+    for (tech, variant), v in sorted(rows.items()):
+        speed = 1.0 if tech == "reference" else v.get("forward_speedup")
+        if v.get("fid") is not None and speed is not None and math.isfinite(v["fid"]):
+            pts.append((speed, v["fid"]))
+            labels.append(f"{tech} {variant}")
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18)
+        for (s, f), label in zip(pts, labels):
+            ax.annotate(label, (s, f), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front(pts)
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "r--", lw=1, label="Pareto front")
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no row has both FID and a speed measurement", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("forward speedup over the unoptimized model (x, same run)")
+    ax.set_ylabel("FID (profile evaluator; lower is better)")
+    ax.set_title("quality vs speed")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def benchmark_json(records):
+    """Timings in pytest-benchmark's --benchmark-json layout (stats computed by pytest-benchmark's own Stats)."""
+    import pytest_benchmark
+    from pytest_benchmark.plugin import pytest_benchmark_generate_machine_info
+    from pytest_benchmark.stats import Stats
+    from pytest_benchmark.utils import get_commit_info
+    benchmarks = []
+    for rec in sorted(records, key=lambda r: r["test"]):
+        for m in rec["metrics"]:
+            if not m.get("timing"):
+                continue
+            stats = Stats()
+            for seconds in m["timing"]:
+                stats.update(seconds)
+            name = rec["test"].split("::", 1)[-1]
+            benchmarks.append(dict(
+                group=m["metric"], name=f"{name}:{m['metric']}", fullname=f"{rec['test']}:{m['metric']}",
+                params=None, param=None,
+                extra_info=dict(metric=m["metric"], value=m["value"], outcome=m["outcome"], protocol=m["protocol"]),
+                options=dict(disable_gc=False, timer="perf_counter", min_rounds=len(m["timing"]), max_time=0,
+                             min_time=0, warmup=True),
+                stats=dict(stats.as_dict(), iterations=1, data=list(m["timing"]))))
+    machine = pytest_benchmark_generate_machine_info()
+    machine["fastdit"] = records[0]["machine"] if records else {}
+    return dict(machine_info=machine, commit_info=get_commit_info(), benchmarks=benchmarks,
+                datetime=datetime.datetime.now(datetime.timezone.utc).isoformat(), version=pytest_benchmark.__version__)
+
+
+def write_report(records, folder):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    md, png, js = folder / "report.md", folder / "pareto.png", folder / "benchmark.json"
+    atomic_write(md, lambda f: f.write(markdown(records).encode()))
+    pareto_plot(records, png)
+    text = json.dumps(benchmark_json(records), indent=2, default=str)
+    atomic_write(js, lambda f: f.write(text.encode()))
+    return md, png, js

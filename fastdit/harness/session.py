@@ -1,0 +1,277 @@
+"""The `bench` fixture: what a benchmark test builds, measures and hands to the gate.
+
+A bench test reads like the paper's protocol:
+
+    def test_quality(bench, variant, setting):
+        model = bench.apply(bench.reference_model(variant), setting, variant)
+        bench.check(bench.quality(model, bench.protocol(variant, setting)))
+
+Every measurement is a gate.Measurement with its unit, direction, rule and protocol; `check` judges them against the
+stored baselines (or records them with --update-baselines), attaches the verdicts to the test report (so the summary
+table and the report see them under xdist too) and fails the test on a regression or a protocol mismatch.
+"""
+import datetime
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from .. import techniques
+from ..baselines import BaselineFile, device_class
+from ..metrics import cost
+from ..metrics.flops import count_params, example_inputs
+from ..profiles import default_profile, get_profile
+from .gate import DEFAULT_RULES, FAILING, NO_BASELINE, RECORDED, Measurement, judge
+
+# The yardstick for machine-relative speed: a square fp32 matmul, timed interleaved with what is measured, so that
+# "efficiency" (achieved FLOP/s over the yardstick's FLOP/s) cancels the machine's clock and load of the moment.
+YARDSTICK = 512
+PROPERTY = "fastdit"  # key of the record attached to each test report's user_properties
+
+# Quality metrics that are gated (direction); the Inception-Score analogue is recorded, not gated.
+QUALITY = {"fid": "lower", "sfid": "lower", "kid_mean": "lower", "precision": "higher", "recall": "higher"}
+
+
+class Bench:
+    def __init__(self, config):
+        opt = config.getoption
+        device = opt("fastdit_device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise pytest.UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        self.device = device
+        overrides = {}
+        if opt("fastdit_fid_samples"):
+            overrides["fid_samples"] = opt("fastdit_fid_samples")
+        try:
+            self.profile = get_profile(opt("fastdit_profile") or default_profile(), **overrides)
+        except ValueError as err:
+            raise pytest.UsageError(str(err)) from None
+        self.tier = opt("fastdit_tier")
+        self.update = opt("fastdit_update_baselines")
+        self.reason = opt("fastdit_baseline_reason")
+        self.rounds = opt("fastdit_rounds")
+        self.calibration_seeds = opt("fastdit_calibration_seeds")
+        self.workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+        self.machine = dict(cost.describe_device(device), workers=self.workers)
+        root = Path(opt("fastdit_baselines") or Path(config.rootpath) / "baselines")
+        self.baselines = BaselineFile(root, self.profile.name, device_class(self.machine))
+        self.stored = self.baselines.load()  # a corrupt file fails here, before anything is measured
+        self._evaluator = self._reference_features = None
+        self._peak = None
+
+    # ------------------------------------------------------------------------------------------------ building
+
+    def variants(self):
+        """The profile's variants this tier runs: all of them in `full`, the representative ones in `quick`."""
+        return self.profile.variants if self.tier == "full" else self.profile.quick_variants
+
+    def reference_model(self, variant):
+        """A fresh copy of the trained, unoptimized zoo model (techniques may modify it in place)."""
+        from ..zoo import reference_model
+        return reference_model(self.profile, variant, device=self.device, progress=False)[0]
+
+    def paper_model(self, variant, seed=0):
+        """The paper-scale model (32x32x4 latents, 200 classes), seeded random weights: enough for cost metrics."""
+        from ..models import create_model
+        torch.manual_seed(seed)
+        return create_model(variant, input_size=32, in_channels=4, num_classes=200).to(self.device).eval()
+
+    def context(self, variant):
+        return techniques.Context(device=self.device, profile=self.profile, variant=variant)
+
+    def apply(self, model, stack, variant):
+        return techniques.apply(model, stack, self.context(variant))
+
+    def protocol(self, variant, stack=(), scale="zoo", **fields):
+        """Every field that changes a number of this test; a baseline recorded under another protocol never gates."""
+        p = self.profile
+        base = dict(scale=scale, variant=variant, technique=techniques.stack_id(stack), device=self.machine["device"],
+                    dtype="float32", mode="eager")
+        if scale == "zoo":
+            base.update(profile=p.name, dataset=p.dataset, image_size=p.image_size, resize=p.resize,
+                        sampler=p.sampler, steps=p.sampling_steps, cfg=p.cfg_scale, guided=p.guided_channels,
+                        clip=p.clip_denoised, n=p.fid_samples, evaluator=p.evaluator)
+        else:
+            base.update(input_size=32, in_channels=4, num_classes=200)
+        base.update(fields)
+        return base
+
+    # ----------------------------------------------------------------------------------------------- measuring
+
+    def evaluator(self):
+        from ..metrics.quality import get_evaluator, reference_features
+        if self._evaluator is None:
+            p = self.profile
+            self._evaluator = get_evaluator(p.evaluator, p.dataset, p.image_size, self.device)
+            self._reference_features = reference_features(self._evaluator, p.dataset, "train", p.fid_samples,
+                                                          p.image_size, p.resize)
+        return self._evaluator, self._reference_features
+
+    def samples(self, model, seed=0):
+        """The profile's N samples of `model`, after checking the sampler's invariant: every batch ran exactly the
+        protocol's number of denoising steps (one network evaluation each; guidance runs in the same batch)."""
+        from ..sampling import sample_profile
+        p = self.profile
+        calls = []
+        # The final layer runs once per network evaluation, whether through forward or forward_with_cfg.
+        handle = model.final_layer.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            images = sample_profile(model, p, p.fid_samples, seed=seed, device=self.device)[0]
+        finally:
+            handle.remove()
+        batches = math.ceil(p.fid_samples / p.sample_batch_size)
+        if len(calls) != p.sampling_steps * batches:
+            raise AssertionError(f"the sampler ran {len(calls) / batches:g} network evaluations per batch; the "
+                                 f"protocol ({p.sampler}, {p.sampling_steps} steps) needs {p.sampling_steps}")
+        return images
+
+    def sampling_speed(self, model, protocol, batch_size=None, rounds=3, threads=1):
+        """Images/s of the full sampling chain (the profile's sampler and steps) at the first throughput batch size
+        above 1; an absolute rate, so it is gated only on this very machine."""
+        from ..diffusion import create_diffusion
+        p = self.profile
+        batch_size = batch_size or max(b for b in p.throughput_batch_sizes if b <= p.sample_batch_size)
+        diffusion = create_diffusion(p.sampling_steps, learn_sigma=model.learn_sigma)
+        r = cost.sampling_throughput(model, diffusion, batch_size, device=self.device, sampler=p.sampler,
+                                     rounds=self._timing_rounds(rounds), threads=self._threads(threads),
+                                     cfg_scale=p.cfg_scale, guided_channels=p.guided_channels,
+                                     clip_denoised=p.clip_denoised)
+        t = r["timing"]
+        protocol = dict(protocol, batch_size=batch_size, threads=self._threads(threads) or torch.get_num_threads())
+        return [Measurement("sampling_images_per_s", r["images_per_s"], "images/s", "higher",
+                            dict(DEFAULT_RULES["time"]), protocol, noise=batch_size * t.iqr_s / t.median_s ** 2,
+                            scope="machine", extra=dict(timing=t.samples))]
+
+    def quality(self, model, protocol):
+        """FID, sFID, KID, precision and recall of the profile's N samples (seed 0) against the reference set.
+
+        With --update-baselines the metrics are also computed for further seeds, and their seed-to-seed standard
+        deviation is stored as the calibrated noise that sets the gate's tolerance."""
+        from ..metrics.quality import quality_metrics
+        evaluator, reference = self.evaluator()
+        protocol = dict(protocol, evaluator_sha256=evaluator.sha256[:16])
+
+        def metrics(seed):
+            return quality_metrics(evaluator.features(self.samples(model, seed)), reference)
+        runs = [metrics(seed) for seed in range(self.calibration_seeds if self.update else 1)]
+        out = []
+        for name, value in runs[0].items():
+            if name.endswith("_std"):
+                continue  # spreads of subsets and splits, not qualities of the model
+            direction = QUALITY.get(name)
+            noise = float(np.std([r[name] for r in runs], ddof=1)) if len(runs) > 1 else None
+            # The floor keeps a fluke-small calibrated spread from making the gate hair-triggered.
+            rule = dict(DEFAULT_RULES["quality"], floor=round(0.05 * abs(value), 6)) if direction else \
+                {"kind": "relative", "tolerance": 1.0}
+            out.append(Measurement(name, value, "", direction or "higher", rule, protocol, noise=noise,
+                                   extra=dict(gated=bool(direction))))
+        return out
+
+    def cost(self, model, protocol, batch_size=1):
+        """Parameters, serialized bytes, GMACs (fvcore, batch 1, split into attention / MLP / other), and the peak
+        memory of one forward at `batch_size` above the weights."""
+        exact = dict(DEFAULT_RULES["exact"])
+        parts = cost.gmacs_breakdown(model)
+        x, t, y = example_inputs(model, batch_size, self.device)
+        with torch.inference_mode():
+            peak = cost.peak_memory_bytes(lambda: model(x, t, y), self.device)
+        out = [Measurement("params", count_params(model), "", "lower", exact, protocol),
+               Measurement("size_bytes", cost.model_size_bytes(model), "B", "lower", exact, protocol)]
+        out += [Measurement(f"gmacs_{k}" if k != "total" else "gmacs", round(v, 6), "GMACs", "lower", exact, protocol)
+                for k, v in parts.items()]
+        out.append(Measurement("peak_memory_bytes", peak, "B", "lower", dict(DEFAULT_RULES["memory"]),
+                               dict(protocol, batch_size=batch_size), scope="hardware"))
+        return out
+
+    def _timing_rounds(self, default):
+        return self.rounds or default
+
+    def efficiency(self, fn, flops, protocol, name="forward", rounds=15, threads=1):
+        """Achieved FLOP/s of fn() as a fraction of a matmul yardstick timed interleaved with it (1 thread on CPU),
+        with a bootstrap CI; plus the absolute median time (gated only on this very machine)."""
+        a, b = (torch.randn(YARDSTICK, YARDSTICK, device=self.device) for _ in range(2))
+        yard_flops = 2 * YARDSTICK ** 3
+        with torch.inference_mode():
+            timings = cost.time_interleaved({"yardstick": lambda: a @ b, name: fn}, device=self.device,
+                                            rounds=self._timing_rounds(rounds), threads=self._threads(threads))
+        ratio = cost.speedup(timings["yardstick"], timings[name])      # t_yardstick / t_fn, with its CI
+        scale = flops / yard_flops
+        t = timings[name]
+        protocol = dict(protocol, threads=self._threads(threads) or torch.get_num_threads())
+        return [Measurement(f"{name}_efficiency", ratio["ratio"] * scale, "of matmul", "higher",
+                            dict(DEFAULT_RULES["speed"]), protocol, ci=(ratio["ci_low"] * scale,
+                                                                        ratio["ci_high"] * scale),
+                            scope="hardware", extra=dict(timing=t.samples, flops=flops)),
+                Measurement(f"{name}_ms", t.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
+                            noise=t.iqr_s * 1e3, scope="machine")]
+
+    def speedup(self, reference, candidate, protocol, batch_size=1, rounds=15, threads=1, name="forward"):
+        """Speed of `candidate` over `reference` (same inputs, interleaved, one process): the ratio that is gated,
+        with its bootstrap CI and the Mann-Whitney p-value, and the candidate's absolute forward time."""
+        x, t, y = example_inputs(candidate, batch_size, self.device)
+        with torch.inference_mode():
+            timings = cost.time_interleaved({"reference": lambda: reference(x, t, y),
+                                             "candidate": lambda: candidate(x, t, y)},
+                                            device=self.device, rounds=self._timing_rounds(rounds),
+                                            threads=self._threads(threads))
+        s = cost.speedup(timings["reference"], timings["candidate"])
+        protocol = dict(protocol, batch_size=batch_size, threads=self._threads(threads) or torch.get_num_threads())
+        c = timings["candidate"]
+        return [Measurement(f"{name}_speedup", s["ratio"], "x", "higher", dict(DEFAULT_RULES["speed"]), protocol,
+                            ci=(s["ci_low"], s["ci_high"]), p_value=s["p_value"],
+                            extra=dict(timing=c.samples, reference_timing=timings["reference"].samples)),
+                Measurement(f"{name}_ms", c.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
+                            noise=c.iqr_s * 1e3, scope="machine")]
+
+    def _threads(self, threads):
+        return threads if self.machine["device"] == "cpu" else None
+
+    def machine_peak(self):
+        """This machine's measured matmul GFLOP/s and copy bandwidth, once per process (the report's context)."""
+        if self._peak is None:
+            with cost.num_threads(self._threads(1)):
+                self._peak = cost.machine_peak(self.device)
+        return self._peak
+
+    # --------------------------------------------------------------------------------------------------- gating
+
+    def check(self, request, measurements, **info):
+        """Judge (or record) the measurements, attach the verdicts to the report, fail on regressions."""
+        test_id = _test_id(request.node)
+        stored = self.stored.get(test_id, {})
+        if self.update:
+            date = datetime.date.today().isoformat()
+            self.stored = self.baselines.update(
+                {test_id: {m.metric: m.entry(self.machine, date, self.reason) for m in measurements}})
+        verdicts = []
+        for m in measurements:
+            v = judge(m, stored.get(m.metric), self.machine)
+            if self.update:
+                v.detail = f"recorded ({v.outcome} against the previous baseline: {v.detail})"
+                v.outcome = RECORDED
+            elif not m.extra.get("gated", True) and v.failed:
+                v.detail = f"not gated ({v.outcome}: {v.detail})"
+                v.outcome = "reported"
+            verdicts.append(v)
+        if self._peak is not None:
+            info = dict(info, machine_peak=self._peak)
+        record = dict(test=test_id, info=info, machine=self.machine, profile=self.profile.name,
+                      metrics=[dict(v.as_dict(), **{k: m.extra[k] for k in ("timing", "reference_timing")
+                                                    if k in m.extra}, ci=m.ci, protocol=m.protocol)
+                               for v, m in zip(verdicts, measurements)])
+        request.node.user_properties.append((PROPERTY, record))
+        failed = [v for v in verdicts if v.outcome in FAILING]
+        if failed:
+            pytest.fail("\n".join(f"{v.metric}: {v.outcome}: {v.detail}" for v in failed), pytrace=False)
+        if verdicts and all(v.outcome == NO_BASELINE for v in verdicts):
+            pytest.skip(f"no baseline for {test_id} in {self.baselines.path} for this machine: record one with "
+                        f"`pytest bench --update-baselines --baseline-reason \"...\"`")
+        return verdicts
+
+
+def _test_id(node):
+    """The test id without the rootdir-relative prefix differences of xdist: 'bench/test_x.py::test_y[...]'."""
+    return node.nodeid

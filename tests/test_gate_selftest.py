@@ -1,0 +1,130 @@
+"""Self-test of the gate: plant known regressions into the real bench tests and check that the gate fails them.
+
+The bench's own test_reference.py runs in a scratch project (pytester) with a conftest that plants one regression,
+chosen by FASTDIT_PLANT, before anything is imported by the tests:
+
+    slow-attention     every attention forward takes 20% longer (busy-wait after the real work)
+    skip-last-step     the DDIM sampler stops one step early and returns x_1 instead of x_0
+    extra-block        the zoo model silently grows by one transformer block
+
+Baselines are first recorded by an unplanted run in the same scratch directory, and an unchanged second run must
+pass: that is the false-alarm half of the test.
+"""
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+PLANTS = '''
+import copy
+import os
+import time
+
+import pytest
+
+pytest_plugins = ["fastdit.harness.plugin"]
+PLANT = os.environ.get("FASTDIT_PLANT", "")
+
+if PLANT == "slow-attention":
+    from fastdit.models.attention import ATTENTION
+    cls = ATTENTION["mha"]
+    original = cls.forward
+
+    def slow_forward(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = original(self, *args, **kwargs)
+        spent = time.perf_counter() - start
+        while time.perf_counter() - start < 1.2 * spent:
+            pass
+        return out
+    cls.forward = slow_forward
+
+if PLANT == "skip-last-step":
+    from fastdit.diffusion import GaussianDiffusion
+
+    class _Stop(Exception):
+        def __init__(self, x):
+            self.x = x
+    evaluate, sample = GaussianDiffusion._model_eval, GaussianDiffusion.ddim_sample
+
+    def model_eval(self, model_fn, x, index):
+        if index == 0:
+            raise _Stop(x)
+        return evaluate(self, model_fn, x, index)
+
+    def ddim_sample(self, *args, **kwargs):
+        try:
+            return sample(self, *args, **kwargs)
+        except _Stop as stop:
+            return stop.x
+    GaussianDiffusion._model_eval, GaussianDiffusion.ddim_sample = model_eval, ddim_sample
+
+if PLANT == "extra-block":
+    from fastdit.harness.session import Bench
+    load = Bench.reference_model
+
+    def grown(self, variant):
+        model = load(self, variant)
+        model.blocks.append(copy.deepcopy(model.blocks[-1]))
+        return model
+    Bench.reference_model = grown
+'''
+
+QUICK = ["--fid-samples", "250", "--calibration-seeds", "2", "-p", "no:cacheprovider",
+         "--benchmark-disable"]
+
+
+@pytest.fixture
+def project(pytester):
+    (pytester.path / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "test_reference.py", pytester.path / "bench")
+    (pytester.path / "baselines").mkdir()
+    shutil.copy(ROOT / "baselines" / "paper.json", pytester.path / "baselines")
+    (pytester.path / "conftest.py").write_text(PLANTS)
+    return pytester
+
+
+def run(project, monkeypatch, plant, select, *extra):
+    monkeypatch.setenv("FASTDIT_PLANT", plant)
+    return project.runpytest_subprocess("bench", "-k", select, "--baselines", str(project.path / "bl"), *QUICK,
+                                        *extra)
+
+
+SELECT = "block_parts and attention or test_cost or test_quality"
+
+
+def test_planted_regressions_are_caught_and_unchanged_runs_pass(project, monkeypatch):
+    recorded = run(project, monkeypatch, "", SELECT, "--update-baselines", "--baseline-reason", "self-test")
+    recorded.assert_outcomes(passed=3)
+    unchanged = run(project, monkeypatch, "", SELECT)
+    unchanged.assert_outcomes(passed=3)
+    assert "regressed" not in unchanged.stdout.str()
+
+    slow = run(project, monkeypatch, "slow-attention", "block_parts and attention")
+    slow.assert_outcomes(failed=1)
+    slow.stdout.fnmatch_lines(["*attention_efficiency: regressed: *slower than the baseline ratio*"])
+
+    grown = run(project, monkeypatch, "extra-block", "test_cost")
+    grown.assert_outcomes(failed=1)
+    grown.stdout.fnmatch_lines(["*params: regressed: changed from *", "*gmacs: regressed*"])
+
+    skipped = run(project, monkeypatch, "skip-last-step", "test_quality")
+    skipped.assert_outcomes(failed=1)
+    skipped.stdout.fnmatch_lines(["*the sampler ran 24 network evaluations per batch*needs 25*"])
+
+
+def test_corrupt_baseline_stops_the_run_with_a_clear_error(project, monkeypatch):
+    folder = project.path / "bl" / "cpu"
+    folder.mkdir(parents=True)
+    (folder / "cpu.json").write_text('{"bench/test_reference.py::test_cost[DiT-mS/4]": {"params": {"value": 1}}}')
+    result = run(project, monkeypatch, "", "test_cost")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*cpu.json*test_cost[[]DiT-mS/4[]]*metric 'params' lacks the field 'unit'*"])
+
+
+def test_update_needs_a_reason(project, monkeypatch):
+    result = run(project, monkeypatch, "", "test_cost", "--update-baselines")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*--update-baselines needs --baseline-reason*"])
