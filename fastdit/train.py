@@ -79,9 +79,13 @@ def latest_checkpoint(folder):
     return os.path.join(folder, f"{max(steps):07d}.pt") if steps else None
 
 
-def train(config, x, y, num_classes, out_dir, *, ckpt_every=0, keep_last=2, device=None, progress=True):
+def train(config, x, y, num_classes, out_dir, *, ckpt_every=0, keep_last=2, device=None, progress=True, model=None,
+          loss_fn=None):
     """Train `config.variant` on x (N, C, S, S) in [-1, 1] / labels y (N,); checkpoints in out_dir/checkpoints.
 
+    model: start from this model (its architecture and weights: a converted, pruned or upcycled network being
+    fine-tuned) instead of a fresh `config.variant`. loss_fn(model, diffusion, x0, t, labels, noise) -> scalar
+    replaces the diffusion loss (distillation adds its teacher term there); it is called under the step's seeds.
     Resumes from the newest checkpoint there. Returns a dict of statistics (final loss, steps/s, seconds).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -91,8 +95,10 @@ def train(config, x, y, num_classes, out_dir, *, ckpt_every=0, keep_last=2, devi
         raise ValueError(f"{len(x)} training items are fewer than one batch of {config.batch_size}")
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     torch.manual_seed(config.seed)
-    model = create_model(config.variant, input_size=x.shape[-1], in_channels=x.shape[1], num_classes=num_classes,
-                         **config.model_kwargs).to(device)
+    if model is None:
+        model = create_model(config.variant, input_size=x.shape[-1], in_channels=x.shape[1],
+                             num_classes=num_classes, **config.model_kwargs)
+    model = model.to(device)
     model.grad_checkpointing = config.grad_checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -109,7 +115,7 @@ def train(config, x, y, num_classes, out_dir, *, ckpt_every=0, keep_last=2, devi
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-        loss = _train_step(model, diffusion, opt, scaler, x, y, config, step, amp_dtype)
+        loss = _train_step(model, diffusion, opt, scaler, x, y, config, step, amp_dtype, loss_fn)
         # EMA warm-up: DiT's constant 0.9999 over 400K steps forgets the zero-output init; a run of a few
         # thousand steps does not, so early steps average with a shorter horizon (1 + step) / (10 + step).
         update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
@@ -126,7 +132,12 @@ def train(config, x, y, num_classes, out_dir, *, ckpt_every=0, keep_last=2, devi
                 checkpoint=latest_checkpoint(ckpt_dir))
 
 
-def _train_step(model, diffusion, opt, scaler, x, y, config, step, amp_dtype):
+def diffusion_loss(model, diffusion, x0, t, labels, noise):
+    """DiT's training loss: the simple epsilon MSE plus the variational bound term for the learned variance."""
+    return diffusion.training_losses(model, x0, t, dict(y=labels), noise)["loss"].mean()
+
+
+def _train_step(model, diffusion, opt, scaler, x, y, config, step, amp_dtype, loss_fn=None):
     idx = batch_indices(len(x), config.batch_size, config.seed, step).to(x.device)
     x0, labels = x[idx], y[idx]
     g = torch.Generator().manual_seed(step_seed(config.seed, step))
@@ -134,7 +145,7 @@ def _train_step(model, diffusion, opt, scaler, x, y, config, step, amp_dtype):
     noise = torch.randn(x0.shape, generator=g).to(x.device)
     torch.manual_seed(step_seed(config.seed, step, 1))  # the model's label dropout draws from the global RNG
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = diffusion.training_losses(model, x0, t, dict(y=labels), noise)["loss"].mean()
+        loss = (loss_fn or diffusion_loss)(model, diffusion, x0, t, labels, noise)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if config.grad_clip:

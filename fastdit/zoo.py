@@ -131,6 +131,41 @@ def _publish(folder, stats, config, key):
     return model_path, dict(meta, source="trained", path=str(model_path))
 
 
+def train_cached(name, spec, make_model, config, *, loss_fn=None, device="cpu", progress=False):
+    """A model trained by a technique (fine-tuned after conversion, pruning or upcycling; a distilled student),
+    trained once and cached like the zoo.
+
+    name: the technique's name (a cache folder); spec: a JSON-able dict of everything that determines the result
+    beyond `config` (the technique's settings, the teacher's zoo key, ...); make_model(): the untrained starting
+    network (architecture and initial weights); config: the TrainConfig (steps, lr, data, seed). The cached file
+    holds the EMA weights only: the architecture always comes from make_model() (its parameter shapes are part of
+    the cache key), so code and weights cannot drift apart silently. Returns (EMA model in eval mode, info dict).
+    """
+    data = load_dataset(config.dataset, "train")
+    model = make_model()
+    # The starting network's architecture is part of the key too, so a change in how make_model builds it can
+    # never load weights trained for another shape.
+    shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    key = hashlib.sha256(json.dumps(dict(name=name, spec=spec, config=config.to_dict(), data=data.fingerprint,
+                                         shapes=shapes, version=TRAINING_VERSION), sort_keys=True, default=str
+                                    ).encode()).hexdigest()[:20]
+    folder = cache_root() / "techniques" / name / key
+    found = _cached(folder)
+    if not found:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            found = _cached(folder)
+            if not found:
+                x, y, num_classes, _ = training_data(config, data)
+                stats = train(config, x, y, num_classes, folder / "work", ckpt_every=max(config.steps // 5, 50),
+                              progress=progress, model=model, loss_fn=loss_fn, device=device)
+                found = _publish(folder, stats, config, key)
+    path, info = found
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["ema"])
+    return model.to(device).eval(), dict(info, spec=spec)
+
+
 def export_committed(profile, variants=None):
     """Copy a profile's trained models into fastdit/weights/<profile>/ and (re)write its MANIFEST.json."""
     profile = get_profile(profile) if isinstance(profile, str) else profile

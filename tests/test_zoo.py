@@ -119,3 +119,29 @@ def test_profiles_are_consistent():
     with pytest.raises(ValueError, match="unknown profile"):
         get_profile("tpu")
     assert get_profile("cpu", fid_samples=10).fid_samples == 10
+
+
+def test_train_cached_fine_tunes_a_given_model_with_a_custom_loss_once(tmp_path):
+    from fastdit.models import create_model
+    from fastdit.train import diffusion_loss
+    cfg = TrainConfig(**TINY, steps=3)
+    calls = []
+
+    def make_model():
+        return create_model("DiT-mXS/4", input_size=8, in_channels=1, num_classes=10, depth=1)
+
+    def loss_fn(model, diffusion, x0, t, labels, noise):
+        calls.append(len(x0))
+        return diffusion_loss(model, diffusion, x0, t, labels, noise) + 0.0 * model.pos_embed.sum()
+
+    model, info = zoo.train_cached("test-technique", {"a": 1}, make_model, cfg, loss_fn=loss_fn)
+    assert calls == [16, 16, 16] and info["source"] == "trained" and not model.training
+    again, info2 = zoo.train_cached("test-technique", {"a": 1}, make_model, cfg, loss_fn=loss_fn)
+    assert calls == [16, 16, 16] and info2["source"] == "cache"  # cached: no training the second time
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert p.equal(q)
+    _, other = zoo.train_cached("test-technique", {"a": 2}, make_model, cfg, loss_fn=loss_fn)
+    assert other["key"] != info["key"] and len(calls) == 6  # another spec is another model
+    deeper, info3 = zoo.train_cached("test-technique", {"a": 1}, lambda: create_model(
+        "DiT-mXS/4", input_size=8, in_channels=1, num_classes=10, depth=2), cfg)
+    assert info3["key"] != info["key"] and len(deeper.blocks) == 2  # another architecture is another model
