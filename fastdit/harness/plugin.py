@@ -89,7 +89,10 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     if "variant" in metafunc.fixturenames and not _parametrized(metafunc, "variant"):
         from ..profiles import default_profile, get_profile
-        profile = get_profile(config.getoption("fastdit_profile") or default_profile())
+        try:
+            profile = get_profile(config.getoption("fastdit_profile") or default_profile())
+        except ValueError as err:
+            raise pytest.UsageError(str(err)) from None
         full = config.getoption("fastdit_tier") == "full"
         quick = profile.quick_variants
         params = [pytest.param(v, id=v, marks=() if v in quick else pytest.mark.bench_full)
