@@ -118,3 +118,11 @@ def _convert(text, f, name):
         return text
     except ValueError:
         raise ValueError(f"technique {name!r}: {f.name}={text!r} is not a valid {type(default).__name__}") from None
+
+
+# The techniques register themselves on import (after the registry above exists).
+from . import distillation  # noqa: E402,F401
+from . import pruning  # noqa: E402,F401
+from . import moe  # noqa: E402,F401
+from . import quantization  # noqa: E402,F401
+from . import attention  # noqa: E402,F401
