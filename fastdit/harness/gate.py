@@ -29,8 +29,12 @@ DEFAULT_RULES = {
     "exact": {"kind": "exact"},
     "quality": {"kind": "noise", "k": 3.0, "floor": 0.0},
     "speed": {"kind": "ratio", "threshold": 0.10, "max_ci_width": 0.25},
+    # Efficiency against the matmul yardstick compares different op mixes, so it drifts between runs more than
+    # a speedup between two models does (up to 10% between quiet runs here, over 20% under load).
+    "efficiency": {"kind": "ratio", "threshold": 0.12, "max_ci_width": 0.25},
     "memory": {"kind": "relative", "tolerance": 0.10},
-    "time": {"kind": "relative", "tolerance": 0.25},
+    # Absolute times moved by up to 27% between two quiet runs on one machine: only gross slowdowns are gated.
+    "time": {"kind": "relative", "tolerance": 0.50},
 }
 
 

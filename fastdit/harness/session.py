@@ -202,7 +202,7 @@ class Bench:
         t = timings[name]
         protocol = dict(protocol, threads=self._threads(threads) or torch.get_num_threads())
         return [Measurement(f"{name}_efficiency", ratio["ratio"] * scale, "of matmul", "higher",
-                            dict(DEFAULT_RULES["speed"]), protocol, ci=(ratio["ci_low"] * scale,
+                            dict(DEFAULT_RULES["efficiency"]), protocol, ci=(ratio["ci_low"] * scale,
                                                                         ratio["ci_high"] * scale),
                             scope="hardware", extra=dict(timing=t.samples, flops=flops)),
                 Measurement(f"{name}_ms", t.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
