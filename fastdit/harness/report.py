@@ -70,9 +70,12 @@ def markdown(records):
     if peak:
         lines += [f"Machine limits (1 thread on CPU): matmul {peak['matmul_gflops']:.1f} GFLOP/s, copy "
                   f"{peak['memory_gbps']:.1f} GB/s.", ""]
+    titles = {"zoo": "trained zoo", "paper": "paper scale (32x32x4, 200 classes)"}
     for scale, rows in sorted(rows_by_model(records).items()):
         present = [c for c in COLUMNS if any(c[0] in v for v in rows.values())]
-        lines += [f"## {'trained zoo' if scale == 'zoo' else 'paper scale (32x32x4, 200 classes)'}", "",
+        if not present:
+            continue  # rows of technique-specific metrics only (e.g. scaling fits): they are in the verdicts
+        lines += [f"## {titles.get(scale, scale)}", "",
                   "| technique | variant | " + " | ".join(c[1] for c in present) + " |",
                   "|---|---|" + "---|" * len(present)]
         for (tech, variant), values in sorted(rows.items(), key=lambda kv: (kv[0][0] != "reference", kv[0])):

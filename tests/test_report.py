@@ -1,0 +1,45 @@
+"""The bench report: markdown tables, the Pareto front and plot, and pytest-benchmark's JSON layout."""
+import json
+
+from fastdit.harness.report import markdown, pareto_front, summary_rows, write_report
+
+MACHINE = dict(device="cpu", name="AMD EPYC", torch="2.14.1", workers=0)
+
+
+def record(technique, metrics, scale="zoo"):
+    protocol = dict(technique=technique, variant="DiT-mS/4", scale=scale)
+    return dict(test=f"bench/test_x.py::test_y[{technique}]", info={}, machine=MACHINE, profile="cpu",
+                metrics=[dict(metric=k, value=v, outcome="passed", baseline=v, delta=0.0, unit="", detail="",
+                              protocol=protocol, timing=[0.01, 0.012, 0.011] if k == "forward_speedup" else None)
+                         for k, v in metrics.items()])
+
+
+RECORDS = [record("reference", dict(fid=2.5, gmacs=0.02)),
+           record("fast", dict(fid=3.0, forward_speedup=2.0, gmacs=0.01)),
+           record("bad", dict(fid=4.0, forward_speedup=1.5)),
+           record("scaling-only", dict(exponent=1.0), scale="layer")]
+
+
+def test_pareto_front_keeps_the_undominated():
+    pts = [(1.0, 2.5), (2.0, 3.0), (1.5, 4.0), (2.0, 3.5)]
+    assert pareto_front(pts) == [0, 1]
+
+
+def test_markdown_merges_tests_of_one_model_into_a_row():
+    text = markdown(RECORDS)
+    assert "| reference | DiT-mS/4 | 2.500 | 0.020 | - |" in text
+    assert "| fast | DiT-mS/4 | 3.000 | 0.010 | 2.00x |" in text
+    assert "## layer" not in text  # a scale without report columns has no empty table
+    assert len(summary_rows(RECORDS)) == 1 + 8
+
+
+def test_write_report_files(tmp_path):
+    md, png, js = write_report(RECORDS, tmp_path)
+    assert md.read_text().startswith("# fastdit bench report")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(js.read_text())
+    assert set(data) >= {"machine_info", "commit_info", "benchmarks", "datetime", "version"}
+    assert len(data["benchmarks"]) == 2  # only metrics with timings become pytest-benchmark entries
+    bench = data["benchmarks"][0]
+    assert bench["fullname"] == "bench/test_x.py::test_y[bad]:forward_speedup"
+    assert bench["stats"]["rounds"] == 3 and bench["stats"]["median"] == 0.011 and bench["stats"]["iterations"] == 1
