@@ -1,7 +1,7 @@
 """The bench report: markdown tables, the Pareto front and plot, and pytest-benchmark's JSON layout."""
 import json
 
-from fastdit.harness.report import markdown, pareto_front, summary_rows, write_report
+from fastdit.harness.report import markdown, pareto_front, short_label, summary_rows, write_report
 
 MACHINE = dict(device="cpu", name="AMD EPYC", torch="2.14.1", workers=0)
 
@@ -43,3 +43,9 @@ def test_write_report_files(tmp_path):
     bench = data["benchmarks"][0]
     assert bench["fullname"] == "bench/test_x.py::test_y[bad]:forward_speedup"
     assert bench["stats"]["rounds"] == 3 and bench["stats"]["median"] == 0.011 and bench["stats"]["iterations"] == 1
+
+
+def test_short_labels():
+    assert short_label("prune-heads[keep=0.5,mode=remove]") == "prune-heads 0.5,remove"
+    assert short_label("reference") == "reference"
+    assert len(short_label("moe[experts=8,top_k=2,every=1,balance=paper,coef=0.005]")) == 28

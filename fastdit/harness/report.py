@@ -99,6 +99,17 @@ def pareto_front(points):
     return sorted(front, key=lambda i: points[i][0])
 
 
+def short_label(technique, limit=28):
+    """'prune-heads[keep=0.5,mode=remove]' -> 'prune-heads 0.5,remove': a plot label, not an id."""
+    parts = []
+    for part in technique.split("+"):
+        name, _, values = part.partition("[")
+        values = ",".join(v.split("=", 1)[-1] for v in values.rstrip("]").split(",") if v)
+        text = f"{name} {values}".strip()
+        parts.append(text if len(text) <= limit else text[:limit - 1] + "~")
+    return "+".join(parts)
+
+
 def pareto_plot(records, path):
     """FID against forward speedup over the reference (the reference sits at 1x) for the zoo rows."""
     import matplotlib
@@ -110,7 +121,7 @@ def pareto_plot(records, path):
         speed = 1.0 if tech == "reference" else v.get("forward_speedup")
         if v.get("fid") is not None and speed is not None and math.isfinite(v["fid"]):
             pts.append((speed, v["fid"]))
-            labels.append(f"{tech} {variant}")
+            labels.append(f"{short_label(tech)} ({variant})")
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18)
@@ -126,7 +137,7 @@ def pareto_plot(records, path):
     ax.set_title("quality vs speed")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 
