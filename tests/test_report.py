@@ -48,4 +48,5 @@ def test_write_report_files(tmp_path):
 def test_short_labels():
     assert short_label("prune-heads[keep=0.5,mode=remove]") == "prune-heads 0.5,remove"
     assert short_label("reference") == "reference"
-    assert len(short_label("moe[experts=8,top_k=2,every=1,balance=paper,coef=0.005]")) == 28
+    assert short_label("moe[experts=8,top_k=2,every=1,balance=paper,coef=0.005,capacity=0,init=upcycle]") == \
+        "moe 8,2,1,paper,0.005,0,upc~"
