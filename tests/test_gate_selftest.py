@@ -72,8 +72,8 @@ if PLANT == "extra-block":
     Bench.reference_model = grown
 '''
 
-QUICK = ["--fid-samples", "250", "--calibration-seeds", "2", "-p", "no:cacheprovider",
-         "--benchmark-disable"]
+QUICK = ["--fid-samples", "250", "--calibration-seeds", "2", "-p", "no:cacheprovider", "--benchmark-disable",
+         "--rounds", "40"]
 
 
 @pytest.fixture
@@ -102,7 +102,12 @@ def test_planted_regressions_are_caught_and_unchanged_runs_pass(project, monkeyp
     unchanged.assert_outcomes(passed=3)
     assert "regressed" not in unchanged.stdout.str()
 
-    slow = run(project, monkeypatch, "slow-attention", "block_parts and attention")
+    # Under a parallel test run the other worker shares the cores; when the spread is too wide to judge the gate
+    # says "unstable" (never "passed"), and the measurement is repeated, as a person would rerun a noisy job.
+    for _ in range(3):
+        slow = run(project, monkeypatch, "slow-attention", "block_parts and attention")
+        if "unstable" not in slow.stdout.str():
+            break
     slow.assert_outcomes(failed=1)
     slow.stdout.fnmatch_lines(["*attention_efficiency: regressed: *slower than the baseline ratio*"])
 
