@@ -73,7 +73,7 @@ if PLANT == "extra-block":
 '''
 
 QUICK = ["--fid-samples", "250", "--calibration-seeds", "2", "-p", "no:cacheprovider", "--benchmark-disable",
-         "--rounds", "40"]
+         "--rounds", "40", "--gate-efficiency"]
 
 
 @pytest.fixture

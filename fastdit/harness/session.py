@@ -54,6 +54,7 @@ class Bench:
         self.reason = opt("fastdit_baseline_reason")
         self.rounds = opt("fastdit_rounds")
         self.calibration_seeds = opt("fastdit_calibration_seeds")
+        self.gate_efficiency = opt("fastdit_gate_efficiency")
         self.workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
         self.machine = dict(cost.describe_device(device), workers=self.workers)
         root = Path(opt("fastdit_baselines") or Path(config.rootpath) / "baselines")
@@ -204,7 +205,7 @@ class Bench:
         return [Measurement(f"{name}_efficiency", ratio["ratio"] * scale, "of matmul", "higher",
                             dict(DEFAULT_RULES["efficiency"]), protocol, ci=(ratio["ci_low"] * scale,
                                                                         ratio["ci_high"] * scale),
-                            scope="hardware", extra=dict(timing=t.samples, flops=flops)),
+                            scope="hardware", extra=dict(timing=t.samples, flops=flops, gated=self.gate_efficiency)),
                 Measurement(f"{name}_ms", t.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
                             noise=t.iqr_s * 1e3, scope="machine")]
 
