@@ -157,7 +157,9 @@ def test_scaling(bench, request, name):
     relative = {"kind": "relative", "tolerance": 0.15}
     out = [Measurement("macs_exponent", round(cost_exponents[name], 4), "", "lower", dict(DEFAULT_RULES["exact"]),
                        protocol),
-           Measurement("time_exponent", exponents[name], "", "lower", relative, protocol, scope="hardware"),
+           # Reported, not gated: fitted over timings of different op mixes, it drifted 15% between unchanged runs.
+           Measurement("time_exponent", exponents[name], "", "lower", relative, protocol, scope="hardware",
+                       extra=dict(gated=False)),
            Measurement("reference_time_exponent", exponents["mha"], "", "higher", relative, protocol,
                        scope="hardware", extra=dict(gated=False)),
            Measurement(f"speedup_at_{TOKENS[-1]}", at_max["ratio"], "x", "higher", dict(DEFAULT_RULES["speed"]),

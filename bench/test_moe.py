@@ -213,8 +213,11 @@ def test_dispatch(bench, request, batch):
                                                 ("sorted_vs_naive", "naive", "sorted", True),
                                                 ("sorted_vs_dense", "dense", "sorted", True)]:
         s = cost.speedup(timings[reference], timings[candidate])
+        # At batch 1 the ratios compare different op mixes (routing overhead vs matmuls) and drifted 11% between
+        # unchanged runs: reported there, gated at batch 8.
         out.append(Measurement(metric, s["ratio"], "x", "higher", speed, protocol, ci=(s["ci_low"], s["ci_high"]),
-                               p_value=s["p_value"], extra=dict(gated=gated, timing=timings[candidate].samples,
+                               p_value=s["p_value"], extra=dict(gated=gated and batch != 1,
+                                                                timing=timings[candidate].samples,
                                                                 reference_timing=timings[reference].samples)))
     ratio = {m.metric: m for m in out}["sorted_vs_same_macs"]
     if batch == 8:  # the acceptance, failed only when the whole CI is past the limit (not on one noisy round)
