@@ -241,7 +241,7 @@ class Bench:
 
     def check(self, request, measurements, **info):
         """Judge (or record) the measurements, attach the verdicts to the report, fail on regressions."""
-        test_id = _test_id(request.node)
+        test_id = request.node.nodeid
         stored = self.stored.get(test_id, {})
         if self.update:
             date = datetime.date.today().isoformat()
@@ -272,7 +272,3 @@ class Bench:
                         f"`pytest bench --update-baselines --baseline-reason \"...\"`")
         return verdicts
 
-
-def _test_id(node):
-    """The test id without the rootdir-relative prefix differences of xdist: 'bench/test_x.py::test_y[...]'."""
-    return node.nodeid

@@ -20,10 +20,9 @@ TECHNIQUES = Registry("technique")
 class Technique:
     """Base of every technique's settings. Subclasses set `name` and implement `apply`."""
     name = "technique"
-    trains = False  # True: apply() may train (through context), so it needs a profile and may take minutes
 
     def apply(self, model, context=None):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement apply(model, context) -> model")
 
     @property
     def id(self):

@@ -40,7 +40,6 @@ FINETUNE_WARMUP = 20
 @dataclass(frozen=True)
 class SwapAttention(Technique):
     name = "swap-attention"
-    trains = True
     kind: str = "gqa"            # gqa, mediated, shallow or focused
     kv_heads: int = 1            # gqa, focused: key/value heads (1: multi-query)
     mediators: int = 4           # mediated: M mediator tokens (a square: 4, 16, 64)

@@ -237,7 +237,6 @@ class Distill(Technique):
     """Train `student` (a registered variant, optionally of another `depth`) from the model it is applied to, the
     teacher, for `steps` steps of the profile's recipe; returns the student. alpha = 0 trains the control."""
     name = "distill"
-    trains = True
     student: str = "DiT-mXS/4"
     alpha: float = 0.5
     mode: str = "output"       # "output" or "feature"

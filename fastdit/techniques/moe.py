@@ -59,7 +59,6 @@ def weights_sha256(model):
 class MoE(Technique):
     """Top-k routed experts in every `every`-th block, upcycled from the dense model or trained from scratch."""
     name = "moe"
-    trains = True
     experts: int = 8
     top_k: int = 2
     every: int = 1

@@ -430,7 +430,6 @@ class Recover(Technique):
     through fastdit.zoo.train_cached: trained once, cached by the starting network's content. Entries that are
     exactly zero at the start (masked heads, magnitude or 2:4 pruning) stay zero; removed structure stays removed."""
     name = "recover"
-    trains = True
     steps: int = 200
     lr: float = 3e-4
 
