@@ -124,7 +124,7 @@ def _publish(folder, stats, config, key):
     atomic_write(model_path, lambda f: torch.save(release, f))
     meta = dict(key=key, variant=config.variant, config=config.to_dict(), training_version=TRAINING_VERSION,
                 sha256=sha256_file(model_path), final_loss=stats["final_loss"], train_seconds=stats["seconds"],
-                steps_per_s=stats["steps_per_s"], threads=torch.get_num_threads(), torch=torch.__version__,
+                steps_per_s=stats["steps_per_s"], threads=torch.get_num_threads(), torch=str(torch.__version__),
                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
     shutil.rmtree(folder / "work", ignore_errors=True)

@@ -138,3 +138,15 @@ def test_update_needs_a_reason(project, monkeypatch):
     result = run(project, monkeypatch, "", "test_cost", "--update-baselines")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*--update-baselines needs --baseline-reason*"])
+
+
+def test_parallel_run_ships_every_verdict_to_the_summary(project, monkeypatch):
+    """Under pytest-xdist each worker's verdicts travel to the controller (execnet: plain types only) and the
+    baselines both workers record land in one file."""
+    select = "block_parts and attention or test_cost"
+    recorded = run(project, monkeypatch, "", select, "-n", "2", "--update-baselines", "--baseline-reason", "xdist")
+    recorded.assert_outcomes(passed=2)
+    recorded.stdout.fnmatch_lines(["*params*recorded*", "*attention_efficiency*recorded*"])
+    unchanged = run(project, monkeypatch, "", select, "-n", "2")
+    unchanged.assert_outcomes(passed=2)
+    unchanged.stdout.fnmatch_lines(["*params*passed*"])

@@ -11,6 +11,7 @@ stored baselines (or records them with --update-baselines), attaches the verdict
 table and the report see them under xdist too) and fails the test on a regression or a protocol mismatch.
 """
 import datetime
+import json
 import math
 import os
 from pathlib import Path
@@ -29,6 +30,11 @@ from .gate import DEFAULT_RULES, FAILING, NO_BASELINE, RECORDED, Measurement, ju
 # The yardstick for machine-relative speed: a square fp32 matmul, timed interleaved with what is measured, so that
 # "efficiency" (achieved FLOP/s over the yardstick's FLOP/s) cancels the machine's clock and load of the moment.
 YARDSTICK = 512
+def _plain(value):
+    """A JSON-able stand-in for `value` (numpy scalars and arrays, tuples of them)."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 PROPERTY = "fastdit"  # key of the record attached to each test report's user_properties
 
 # Quality metrics that are gated (direction); the Inception-Score analogue is recorded, not gated.
@@ -263,7 +269,9 @@ class Bench:
                       metrics=[dict(v.as_dict(), **{k: m.extra[k] for k in ("timing", "reference_timing")
                                                     if k in m.extra}, ci=m.ci, protocol=m.protocol)
                                for v, m in zip(verdicts, measurements)])
-        request.node.user_properties.append((PROPERTY, record))
+        # Plain JSON types only: xdist ships user_properties to the controller with execnet, which refuses anything
+        # else (torch.__version__ is a str subclass, numpy scalars are not floats).
+        request.node.user_properties.append((PROPERTY, json.loads(json.dumps(record, default=_plain))))
         failed = [v for v in verdicts if v.outcome in FAILING]
         if failed:
             pytest.fail("\n".join(f"{v.metric}: {v.outcome}: {v.detail}" for v in failed), pytrace=False)

@@ -293,7 +293,7 @@ def describe_device(device):
         "device": torch.device(device).type,
         "name": device_name(device),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "cuda": torch.version.cuda if cuda else None,
         "capability": f"{props.major}.{props.minor}" if cuda else None,
         "gpu_memory_gb": round(props.total_memory / 2 ** 30, 1) if cuda else None,

@@ -120,7 +120,7 @@ def save_classifier(model, dataset, image_size, test_accuracy, seconds, folder=W
     manifest_path = Path(folder) / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest[name] = dict(file=path.name, sha256=sha256_file(path), test_accuracy=round(test_accuracy, 4),
-                          train_seconds=round(seconds, 1), torch=torch.__version__,
+                          train_seconds=round(seconds, 1), torch=str(torch.__version__),
                           command=f"fastdit evaluator --dataset {dataset} --image-size {image_size}")
     atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
     return path
