@@ -57,6 +57,7 @@ LAYERS = {
     "shallow": ("shallow", dict(compression=2)),
 }
 QUICK_LAYERS = ("focused-mq",)
+SPEEDUP_AT_MAX_RULE = dict(DEFAULT_RULES["speed"], threshold=0.25)
 
 
 def _skip_unless_fits(setting, variant, model):
@@ -162,8 +163,11 @@ def test_scaling(bench, request, name):
                        extra=dict(gated=False)),
            Measurement("reference_time_exponent", exponents["mha"], "", "higher", relative, protocol,
                        scope="hardware", extra=dict(gated=False)),
-           Measurement(f"speedup_at_{TOKENS[-1]}", at_max["ratio"], "x", "higher", dict(DEFAULT_RULES["speed"]),
-                       protocol, ci=(at_max["ci_low"], at_max["ci_high"]), p_value=at_max["p_value"],
+           # A ratio of a bandwidth-bound O(T^2) op to a linear one: it moves with the memory system and with what
+           # shares it (12% lower under `pytest -n 2` than alone), so it is gated on the same hardware, at 25%.
+           # Losing the linear scaling would move it by far more; the 2x acceptance bar is asserted below.
+           Measurement(f"speedup_at_{TOKENS[-1]}", at_max["ratio"], "x", "higher", SPEEDUP_AT_MAX_RULE,
+                       protocol, scope="hardware", ci=(at_max["ci_low"], at_max["ci_high"]), p_value=at_max["p_value"],
                        extra=dict(timing=times[name][-1].samples, reference_timing=times["mha"][-1].samples))]
     out += [Measurement(f"ms_at_{T}", times[name][i].median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]),
                         protocol, noise=times[name][i].iqr_s * 1e3, scope="machine", extra=dict(gated=False))
