@@ -172,6 +172,20 @@ def cmd_evaluator(args):
     print(f"domain evaluator {path}: test accuracy {acc:.4f}, trained in {seconds:.0f} s")
 
 
+def cmd_report(args):
+    from fastdit.baselines import BaselineFile
+    from fastdit.harness.report import records_from_baselines, write_report
+    stored = BaselineFile(args.baselines, args.profile, args.device_class)
+    if not stored.path.exists():
+        raise FileNotFoundError(f"no baseline file {stored.path}: record one with `pytest bench --profile "
+                                f"{args.profile} --update-baselines --baseline-reason \"...\"`")
+    records = records_from_baselines(stored.load(), args.profile, args.select)
+    if not records:
+        raise ValueError(f"no test id in {stored.path} contains {args.select!r}")
+    for path in write_report(records, args.out, source=str(stored.path)):
+        print(path)
+
+
 def _eval_samples(args, profile, n, seed):
     """uint8 (N, S, S, 3) samples from an .npz, a checkpoint (profile protocol) or real images (the noise floor)."""
     import numpy as np
@@ -315,6 +329,14 @@ def build_parser():
     p.add_argument("--out", help="with --calibrate: write the spread and its protocol to this JSON file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="render the stored baselines as the bench report (tables and Pareto plot)")
+    p.add_argument("--baselines", default="baselines", help="baselines folder (default baselines/)")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--device-class", default="cpu", help="file name: cpu, or a GPU's such as nvidia-h100-80gb-hbm3")
+    p.add_argument("--select", default="", help="only test ids containing this text (e.g. test_pruning)")
+    p.add_argument("--out", required=True, help="folder for report.md and pareto.png")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluator", help="train the domain evaluator (a small classifier) and record its sha256")
     p.add_argument("--dataset", default="fashion-mnist")

@@ -50,3 +50,26 @@ def test_short_labels():
     assert short_label("reference") == "reference"
     assert short_label("moe[experts=8,top_k=2,every=1,balance=paper,coef=0.005,capacity=0,init=upcycle]") == \
         "moe 8,2,1,paper,0.005,0,upc~"
+
+
+def test_report_from_baselines_shows_noise_and_no_verdicts(tmp_path, capsys):
+    from fastdit.baselines import BaselineFile
+    from fastdit.cli import main
+    from fastdit.harness.gate import DEFAULT_RULES, Measurement
+    protocol = dict(technique="fast", variant="DiT-mS/4", scale="zoo")
+    entries = {"bench/test_x.py::test_y[fast]": {
+        m.metric: m.entry(MACHINE, "2026-11-26", "test") for m in [
+            Measurement("fid", 3.0, "", "lower", dict(DEFAULT_RULES["quality"]), protocol, noise=0.2),
+            Measurement("forward_speedup", 2.0, "x", "higher", dict(DEFAULT_RULES["speed"]), protocol)]}}
+    BaselineFile(tmp_path / "bl", "cpu", "cpu").update(entries)
+    assert main(["report", "--baselines", str(tmp_path / "bl"), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| fast | DiT-mS/4 | 3.000 ± 0.200 | 2.00x |" in text
+    assert "Verdicts" not in text and (tmp_path / "r" / "pareto.png").exists()
+    assert str(tmp_path / "r" / "report.md") in capsys.readouterr().out
+
+
+def test_report_from_missing_baselines_says_how_to_record(tmp_path, capsys):
+    from fastdit.cli import main
+    assert main(["report", "--baselines", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "--update-baselines" in capsys.readouterr().err

@@ -6,7 +6,8 @@
     pareto.png      quality against speed for the zoo rows, with the Pareto front
     benchmark.json  every timing in pytest-benchmark's JSON format, so `pytest-benchmark compare` reads it
 
-Records are the dicts Bench.check attaches to each test report (see fastdit.harness.session).
+Records are the dicts Bench.check attaches to each test report (see fastdit.harness.session). The committed baselines
+render the same way (`fastdit report`, through records_from_baselines): what CI gates against, read as tables.
 """
 import datetime
 import json
@@ -23,7 +24,11 @@ COLUMNS = [
     ("peak_memory_bytes", "peak mem (MB)", lambda v: f"{v / 1e6:.1f}"),
     ("forward_ms", "forward (ms)", "{:.2f}"), ("forward_speedup", "speedup", "{:.2f}x"),
     ("forward_efficiency", "of matmul", "{:.0%}"),
+    # technique-specific columns, shown when a table has them
+    ("fid_minus_control", "FID - control", "{:+.3f}"), ("output_rel_error", "output error", "{:.4f}"),
+    ("load_entropy_min", "load entropy min", "{:.3f}"), ("load_cv_max", "load CV max", "{:.2f}"),
 ]
+NOISY = {"fid", "sfid", "fid_minus_control"}  # shown as value ± calibrated noise when a noise is known
 
 
 def _short(test_id):
@@ -50,22 +55,55 @@ def summary_rows(records):
 
 
 def rows_by_model(records):
-    """{scale: {(technique, variant): {metric: value}}}, merging the tests that measured the same model."""
+    """{scale: {(technique, variant): {metric: value}}}, merging the tests that measured the same model. A known
+    noise is kept beside its value as "<metric>_noise"."""
     out = {}
     for rec in records:
         for m in rec["metrics"]:
             p = m["protocol"]
             key = (p.get("technique", "reference"), p.get("variant", "?"))
-            out.setdefault(p.get("scale", "zoo"), {}).setdefault(key, {})[m["metric"]] = m["value"]
+            row = out.setdefault(p.get("scale", "zoo"), {}).setdefault(key, {})
+            row[m["metric"]] = m["value"]
+            if m.get("noise") is not None:
+                row[m["metric"] + "_noise"] = m["noise"]
     return out
 
 
-def markdown(records):
+def records_from_baselines(data, profile, select=""):
+    """Baseline entries ({test id: {metric: entry}}, as fastdit.baselines loads them) as report records: each stored
+    value with its calibrated noise, so the committed baselines render as a run's report does. `select` keeps the
+    test ids that contain it."""
+    records = []
+    for test_id, metrics in sorted(data.items()):
+        if select not in test_id:
+            continue
+        machine = next(iter(metrics.values()))["machine"]
+        records.append(dict(test=test_id, info={}, machine=machine, profile=profile, metrics=[
+            dict(metric=name, value=e["value"], baseline=e["value"], delta=None, outcome=f"recorded {e['date']}",
+                 unit=e["unit"], detail=e["reason"], protocol=e["protocol"], noise=e.get("noise"))
+            for name, e in sorted(metrics.items())]))
+    return records
+
+
+def _cell(values, metric, fmt):
+    v = values.get(metric)
+    if v is None:
+        return "-"
+    text = fmt(v) if callable(fmt) else fmt.format(v)
+    noise = values.get(metric + "_noise")
+    return f"{text} ± {fmt.format(noise).lstrip('+')}" if metric in NOISY and noise is not None else text
+
+
+def markdown(records, source=None):
+    """The report; `source` names a baseline file when the records come from one (then there are no verdicts)."""
     machine = records[0]["machine"] if records else {}
+    origin = f"Baselines stored in `{source}`" if source else "Profile"
     lines = [f"# fastdit bench report ({datetime.date.today().isoformat()})", "",
-             f"Profile `{records[0]['profile'] if records else '?'}` on {machine.get('name', '?')} "
+             f"{origin}, profile `{records[0]['profile'] if records else '?'}`, recorded on {machine.get('name', '?')} "
              f"({machine.get('device', '?')}, torch {machine.get('torch', '?')}, "
              f"xdist workers {machine.get('workers', 0)}).", ""]
+    if source:
+        lines += ["FID and sFID are shown ± their calibrated seed-to-seed noise where it was calibrated.", ""]
     peak = next((r["info"]["machine_peak"] for r in records if "machine_peak" in r.get("info", {})), None)
     if peak:
         lines += [f"Machine limits (1 thread on CPU): matmul {peak['matmul_gflops']:.1f} GFLOP/s, copy "
@@ -79,12 +117,11 @@ def markdown(records):
                   "| technique | variant | " + " | ".join(c[1] for c in present) + " |",
                   "|---|---|" + "---|" * len(present)]
         for (tech, variant), values in sorted(rows.items(), key=lambda kv: (kv[0][0] != "reference", kv[0])):
-            cells = []
-            for metric, _, fmt in present:
-                v = values.get(metric)
-                cells.append("-" if v is None else (fmt(v) if callable(fmt) else fmt.format(v)))
+            cells = [_cell(values, metric, fmt) for metric, _, fmt in present]
             lines.append(f"| {tech} | {variant} | " + " | ".join(cells) + " |")
         lines.append("")
+    if source:
+        return "\n".join(lines)
     lines += ["## Verdicts", "", "| test | metric | baseline | now | delta | verdict |", "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(records)[1:]]
     return "\n".join(lines) + "\n"
@@ -169,12 +206,16 @@ def benchmark_json(records):
                 datetime=datetime.datetime.now(datetime.timezone.utc).isoformat(), version=pytest_benchmark.__version__)
 
 
-def write_report(records, folder):
+def write_report(records, folder, source=None):
+    """report.md, pareto.png and benchmark.json in `folder`; from baselines (`source`), no benchmark.json: the
+    files keep no timing samples."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     md, png, js = folder / "report.md", folder / "pareto.png", folder / "benchmark.json"
-    atomic_write(md, lambda f: f.write(markdown(records).encode()))
+    atomic_write(md, lambda f: f.write(markdown(records, source).encode()))
     pareto_plot(records, png)
+    if source:
+        return md, png
     text = json.dumps(benchmark_json(records), indent=2, default=str)
     atomic_write(js, lambda f: f.write(text.encode()))
     return md, png, js
