@@ -6,6 +6,7 @@ fastdit in its own repository loads it the same way.
 from pathlib import Path
 
 import pytest
+import torch
 
 from ..techniques import stack_id
 from .gate import IMPROVED, NO_BASELINE, UNSTABLE
@@ -70,6 +71,16 @@ def bench(request):
     if not hasattr(config, "_fastdit_bench"):
         config._fastdit_bench = Bench(config)
     return config._fastdit_bench
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiler():
+    """Every test starts with torch.compile's caches empty. They live for the whole process: Dynamo recompiles a
+    frame for each new model (type) it meets and, past `recompile_limit` (8) recompiles of one frame, silently runs
+    it eager. Without the reset a compiled row measured the eager model whenever enough compiled rows ran before
+    it, so its peak memory and speed depended on the -k selection (compiled int8 DiT-mS/4: 7.1 MB vs 8.1 MB)."""
+    torch._dynamo.reset()
+    yield
 
 
 def pytest_collection_modifyitems(config, items):
