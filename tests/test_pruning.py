@@ -14,8 +14,8 @@ from fastdit.profiles import get_profile
 from fastdit.techniques import Context, apply, parse
 from fastdit.techniques.pruning import (PrunedAttention, PruneDepth, PruneHeads, PruneMagnitude, PruneMLP, Recover,
                                         Sparse24, analytic_gmacs, block_importance, calibration_batch,
-                                        dense_state_dict, head_scores, kept_count, mask_2_4, restructure,
-                                        sparse_size_bytes, sparse_state_dict, sparsity)
+                                        dense_state_dict, head_scores, kept_count, linear_weights, mask_2_4,
+                                        restructure, sparse_size_bytes, sparse_state_dict, sparsity)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,21 +83,39 @@ def test_gmacs_fall_strictly_and_equal_the_analytic_count(model):
     assert half["mlp"] == full["mlp"] and half["other"] == full["other"]
 
 
-@given(amount=st.floats(0, 0.95), seed=st.integers(0, 100))
-def test_magnitude_pruning_reaches_exactly_the_requested_sparsity(tiny_dit, amount, seed):
-    m = tiny_dit(**SMALL, depth=1, seed=seed)
-    weights = [layer.weight for layer in m.modules() if isinstance(layer, torch.nn.Linear)]
+@given(amount=st.floats(0, 0.95), seed=st.integers(0, 100), layers=st.sampled_from(["attn-mlp", "blocks", "all"]))
+def test_magnitude_pruning_reaches_exactly_the_requested_sparsity(tiny_dit, amount, seed, layers):
+    m = tiny_dit(**SMALL, depth=2, seed=seed)
+    scoped = {id(module) for module, _ in linear_weights(m, layers)}
+    weights = [module.weight for module in m.modules() if id(module) in scoped]
+    outside = {n: p.detach().clone() for n, p in m.named_parameters()
+               if not any(p is w for w in weights)}
     total = sum(w.numel() for w in weights)
     smallest = torch.cat([w.detach().abs().reshape(-1) for w in weights]).sort().values
-    out = apply(m, PruneMagnitude(amount))
+    out = apply(m, PruneMagnitude(amount, layers=layers))
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros == round(amount * total)
-    assert sparsity(out) == pytest.approx(amount, abs=1 / total)
+    assert sparsity(out, layers) == pytest.approx(amount, abs=1 / total)
+    # Nothing outside the scope moves: biases, norms, embedders and, for attn-mlp, every adaLN and the final layer.
+    now = dict(out.named_parameters())
+    assert all(torch.equal(now[n], p) for n, p in outside.items())
     # Permanent: plain parameters again, no masks or hooks in the state dict; the survivors are the largest.
     assert not any(k.endswith(("_orig", "_mask")) for k in out.state_dict())
     if 0 < zeros < total:
         kept = torch.cat([w.detach().abs().reshape(-1) for w in weights])
         assert kept[kept > 0].min() >= smallest[zeros - 1]
+
+
+def test_magnitude_scopes_name_their_layers(model):
+    names = {scope: {n for n, mod in model.named_modules() if any(mod is m for m, _ in linear_weights(model, scope))}
+             for scope in ("attn-mlp", "blocks", "all")}
+    assert names["attn-mlp"] == {f"blocks.{i}.{part}" for i in range(3)
+                                 for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert names["blocks"] == names["attn-mlp"] | {f"blocks.{i}.adaLN_modulation.1" for i in range(3)}
+    assert names["blocks"] < names["all"] and "final_layer.linear" in names["all"]
+    assert PruneMagnitude(0.5).layers == "attn-mlp"
+    with pytest.raises(ValueError, match="unknown layer scope 'heads'; use one of attn-mlp, blocks, all"):
+        PruneMagnitude(0.5, layers="heads").apply(copy.deepcopy(model))
 
 
 def test_sparse24_keeps_the_two_largest_of_every_four(model):

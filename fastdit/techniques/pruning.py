@@ -13,8 +13,8 @@ compute the same function. The other structured prunings work the same way:
 
     PruneMLP(keep=0.5)        drop MLP hidden channels with the smallest |fc1 row| * |fc2 column|
     PruneDepth(keep=0.5)      drop the blocks whose removal changes the output least on a seeded calibration batch
-    PruneMagnitude(0.5)       global unstructured: zero the smallest 50 % of all Linear weights (same dense GMACs;
-                              sparse_size_bytes is what a CSR file of the result costs)
+    PruneMagnitude(0.5)       global unstructured: zero the smallest 50 % of the attention and MLP weights (same
+                              dense GMACs; sparse_size_bytes is what a CSR file of the result costs)
     Sparse24()                2:4 semi-structured: 2 of every 4 consecutive input weights; real kernels on CUDA only
     Recover(steps=200)        fine-tune whatever came before through the training path, pruned entries held at zero
 
@@ -312,14 +312,32 @@ class PruneDepth(Technique):
 #                        Unstructured and 2:4 sparsity                          #
 #################################################################################
 
-def linear_weights(model, within="model"):
-    """(module, "weight") of every nn.Linear: of the whole model, or of the transformer blocks only."""
-    root = model.blocks if within == "blocks" else model
-    return [(m, "weight") for m in root.modules() if isinstance(m, nn.Linear)]
+SCOPES = ("attn-mlp", "blocks", "all")
 
 
-def sparsity(model, within="model"):
-    """Fraction of exactly-zero entries over the Linear weights."""
+def linear_weights(model, within="all"):
+    """(module, "weight") of the nn.Linear layers in a scope, in module order:
+
+    all        every Linear of the model (embedders, adaLN modulations, final layer included)
+    blocks     the Linears of the transformer blocks (attention, MLP and adaLN modulation)
+    attn-mlp   only the attention and MLP Linears of the blocks: where a block's multiply-adds are
+    """
+    if within not in SCOPES:
+        raise ValueError(f"unknown layer scope {within!r}; use one of {', '.join(SCOPES)}")
+    chosen = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        parts = name.split(".")
+        in_block = parts[0] == "blocks"
+        if within == "all" or (within == "blocks" and in_block) or \
+                (within == "attn-mlp" and in_block and parts[2] in ("attn", "mlp")):
+            chosen.append((module, "weight"))
+    return chosen
+
+
+def sparsity(model, within="all"):
+    """Fraction of exactly-zero entries over the Linear weights of a scope (see linear_weights)."""
     weights = [m.weight for m, _ in linear_weights(model, within)]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
@@ -327,15 +345,23 @@ def sparsity(model, within="model"):
 @register_technique
 @dataclass(frozen=True)
 class PruneMagnitude(Technique):
-    """Global unstructured magnitude pruning: the `amount` fraction of all Linear weights (every layer pooled) with the
-    smallest |w| become zero, through torch.nn.utils.prune, then made permanent (no mask or hook stays behind)."""
+    """Global unstructured magnitude pruning: the `amount` fraction of the Linear weights in `layers` (every layer of
+    the scope pooled under one threshold) with the smallest |w| become zero, through torch.nn.utils.prune, then made
+    permanent (no mask or hook stays behind).
+
+    The default scope is the attention and MLP weights, where the compute is. Pooling every Linear ("all") lets the
+    one threshold empty the layers whose weights are small by design rather than unimportant: DiT initializes every
+    adaLN modulation and the final layer at zero, and on the trained cpu zoo's DiT-mS/4 a global 50 % takes 93 % of
+    the adaLN modulation weights (and 66 % of the timestep embedder), which removes the conditioning: FID goes from
+    2.6 to 43-48 on every zoo variant, and a recovery fine-tune that holds the zeros cannot bring it back."""
     name = "prune-magnitude"
     amount: float = 0.5
+    layers: str = "attn-mlp"
 
     def apply(self, model, context=None):
         if not 0 <= self.amount < 1:
             raise ValueError(f"amount is the fraction of weights to zero, in [0, 1); got {self.amount}")
-        params = linear_weights(model)
+        params = linear_weights(model, self.layers)
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=self.amount)
         for module, name in params:
             prune.remove(module, name)  # weight = weight_orig * mask, as a plain parameter again
