@@ -148,31 +148,48 @@ def short_label(technique, limit=28):
 
 
 def pareto_plot(records, path):
-    """FID against forward speedup over the reference (the reference sits at 1x) for the zoo rows."""
+    """FID against forward speedup over the reference (the reference sits at 1x) for the zoo rows: one panel per
+    variant, because each variant has its own FID scale, with that variant's Pareto front labelled (every other
+    row is a dot, so a full tier of dozens of rows stays readable)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     rows = rows_by_model(records).get("zoo", {})
-    pts, labels = [], []
+    panels = {}
     for (tech, variant), v in sorted(rows.items()):
         speed = 1.0 if tech == "reference" else v.get("forward_speedup")
         if v.get("fid") is not None and speed is not None and math.isfinite(v["fid"]):
-            pts.append((speed, v["fid"]))
-            labels.append(f"{short_label(tech)} ({variant})")
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    if pts:
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18)
-        for (s, f), label in zip(pts, labels):
-            ax.annotate(label, (s, f), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            panels.setdefault(variant, []).append((speed, v["fid"], tech))
+    cols = 2 if len(panels) > 1 else 1
+    rows_ = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.5 * rows_), dpi=120, squeeze=False)
+    for ax, (variant, points) in zip(axes.flat, sorted(panels.items())):
+        pts = [(s, f) for s, f, _ in points]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color="tab:blue", alpha=0.6)
         front = pareto_front(pts)
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "r--", lw=1, label="Pareto front")
-        ax.legend(loc="upper right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no row has both FID and a speed measurement", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("forward speedup over the unoptimized model (x, same run)")
-    ax.set_ylabel("FID (profile evaluator; lower is better)")
-    ax.set_title("quality vs speed")
-    ax.grid(alpha=0.3)
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "r--o", lw=1, ms=4, label="Pareto front")
+        for i in front:
+            ax.annotate(short_label(points[i][2]), pts[i], fontsize=6, xytext=(4, 2), textcoords="offset points")
+        for s, f, tech in points:
+            if tech == "reference":
+                ax.scatter([s], [f], marker="*", s=90, color="black", zorder=3, label="reference")
+        if max(p[1] for p in pts) > 10 * min(p[1] for p in pts):
+            ax.set_yscale("log")   # collapsed rows sit 10-30x above the rest
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(variant, fontsize=10)
+        ax.set_xlabel("forward speedup over the unoptimized model (x, same run)", fontsize=8)
+        ax.set_ylabel("FID (profile evaluator; lower is better)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=7)
+    if not panels:
+        axes.flat[0].text(0.5, 0.5, "no row has both FID and a speed measurement", ha="center",
+                          transform=axes.flat[0].transAxes)
+    for ax in list(axes.flat)[max(len(panels), 1):]:
+        ax.set_visible(False)
+    fig.suptitle("quality vs speed", fontsize=11)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
     plt.close(fig)
