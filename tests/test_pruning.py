@@ -114,7 +114,7 @@ def test_magnitude_scopes_name_their_layers(model):
     assert names["blocks"] == names["attn-mlp"] | {f"blocks.{i}.adaLN_modulation.1" for i in range(3)}
     assert names["blocks"] < names["all"] and "final_layer.linear" in names["all"]
     assert PruneMagnitude(0.5).layers == "attn-mlp"
-    with pytest.raises(ValueError, match="unknown layer scope 'heads'; use one of attn-mlp, blocks, all"):
+    with pytest.raises(ValueError, match="unknown layer choice 'heads'; use one of all, blocks, attn-mlp"):
         PruneMagnitude(0.5, layers="heads").apply(copy.deepcopy(model))
 
 

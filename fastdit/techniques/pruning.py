@@ -38,6 +38,7 @@ from torch.nn.utils import prune
 from ..models.attention import Attention, register_attention
 from ..models.mlp import Mlp
 from . import Technique, register_technique
+from .quantization import select_layers
 
 MODES = ("remove", "mask")
 
@@ -312,28 +313,12 @@ class PruneDepth(Technique):
 #                        Unstructured and 2:4 sparsity                          #
 #################################################################################
 
-SCOPES = ("attn-mlp", "blocks", "all")
-
-
 def linear_weights(model, within="all"):
-    """(module, "weight") of the nn.Linear layers in a scope, in module order:
-
-    all        every Linear of the model (embedders, adaLN modulations, final layer included)
-    blocks     the Linears of the transformer blocks (attention, MLP and adaLN modulation)
-    attn-mlp   only the attention and MLP Linears of the blocks: where a block's multiply-adds are
-    """
-    if within not in SCOPES:
-        raise ValueError(f"unknown layer scope {within!r}; use one of {', '.join(SCOPES)}")
-    chosen = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        parts = name.split(".")
-        in_block = parts[0] == "blocks"
-        if within == "all" or (within == "blocks" and in_block) or \
-                (within == "attn-mlp" and in_block and parts[2] in ("attn", "mlp")):
-            chosen.append((module, "weight"))
-    return chosen
+    """(module, "weight") of the nn.Linear layers in a scope, in module order; the scopes are quantization's:
+    "all" (every Linear), "blocks" (attention, MLP and adaLN modulation of the blocks), "attn-mlp" (only attention
+    and MLP: where a block's multiply-adds are)."""
+    modules = dict(model.named_modules())
+    return [(modules[name], "weight") for name in select_layers(model, within)]
 
 
 def sparsity(model, within="all"):
