@@ -130,13 +130,15 @@ def _layer_macs(layer, tokens):
 @pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=() if n in QUICK_LAYERS else pytest.mark.bench_full)
                                   for n in LAYERS])
 def test_scaling(bench, request, name):
-    """Time and fvcore MACs of one attention layer at 64..4,096 tokens (1 thread, interleaved with standard
-    attention of the same width): the fitted exponents, and the speed ratio over standard attention at 4,096."""
+    """Time, fvcore MACs and peak memory of one attention layer at 64..4,096 tokens (1 thread, interleaved with
+    standard attention of the same width): the fitted exponents, and the speed and memory ratios over standard
+    attention at 4,096."""
     kind, kwargs = LAYERS[name]
     torch.manual_seed(0)
     layers = {"mha": build_attention("mha", WIDTH, HEADS).to(bench.device).eval(),
               name: build_attention(kind, WIDTH, HEADS, **kwargs).to(bench.device).eval()}
     times = {k: [] for k in layers}
+    peaks = {k: [] for k in layers}   # bytes allocated above the input during one forward
     macs = {k: [_layer_macs(layer.cpu(), T) for T in TOKENS] for k, layer in layers.items()}
     for layer in layers.values():
         layer.to(bench.device)
@@ -147,10 +149,12 @@ def test_scaling(bench, request, name):
                                            device=bench.device, warmup=1,
                                            rounds=bench.rounds or (9 if T == TOKENS[-1] else 5),
                                            threads=1 if bench.device == "cpu" else None)
-            for k in layers:
+            for k, layer in layers.items():
                 times[k].append(timing[k])
+                peaks[k].append(cost.peak_memory_bytes(lambda layer=layer: layer(x), bench.device))
     exponents = {k: _exponent(TOKENS, [t.median_s for t in times[k]]) for k in layers}
     cost_exponents = {k: _exponent(TOKENS, macs[k]) for k in layers}
+    memory_exponents = {k: _exponent(TOKENS, peaks[k]) for k in layers}
     at_max = cost.speedup(times["mha"][-1], times[name][-1])
     protocol = dict(scale="layer", variant=f"attention-{WIDTH}x{HEADS}", technique=name, kind=kind, settings=kwargs,
                     device=bench.machine["device"], dtype="float32", mode="eager", batch_size=1, tokens=list(TOKENS),
@@ -169,6 +173,18 @@ def test_scaling(bench, request, name):
            Measurement(f"speedup_at_{TOKENS[-1]}", at_max["ratio"], "x", "higher", SPEEDUP_AT_MAX_RULE,
                        protocol, scope="hardware", ci=(at_max["ci_low"], at_max["ci_high"]), p_value=at_max["p_value"],
                        extra=dict(timing=times[name][-1].samples, reference_timing=times["mha"][-1].samples))]
+    # Peak memory is an allocator count, not a timing: it repeats exactly on one kernel set, so it is gated at the
+    # memory rule. Its scope is the hardware because the device picks the attention kernel: a fused softmax kernel
+    # never holds the T x T scores, and then linear attention saves no memory.
+    memory = dict(DEFAULT_RULES["memory"])
+    out += [Measurement(f"peak_memory_bytes_at_{TOKENS[-1]}", peaks[name][-1], "B", "lower", memory, protocol,
+                        scope="hardware"),
+            Measurement(f"memory_ratio_at_{TOKENS[-1]}", round(peaks[name][-1] / peaks["mha"][-1], 4), "x", "lower",
+                        memory, protocol, scope="hardware"),
+            Measurement("memory_exponent", round(memory_exponents[name], 4), "", "lower", relative, protocol,
+                        scope="hardware", extra=dict(gated=False)),
+            Measurement("reference_memory_exponent", round(memory_exponents["mha"], 4), "", "lower", relative,
+                        protocol, scope="hardware", extra=dict(gated=False))]
     out += [Measurement(f"ms_at_{T}", times[name][i].median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]),
                         protocol, noise=times[name][i].iqr_s * 1e3, scope="machine", extra=dict(gated=False))
             for i, T in enumerate(TOKENS)]
@@ -178,4 +194,5 @@ def test_scaling(bench, request, name):
         assert abs(cost_exponents[name] - 1) < 0.01, cost_exponents
         assert exponents[name] < 1.3, exponents
         assert at_max["ratio"] >= 2, at_max
-    bench.check(request, out, exponents=exponents, macs=macs)
+        assert memory_exponents[name] < 1.2, memory_exponents   # no T x T buffer anywhere in a linear variant
+    bench.check(request, out, exponents=exponents, macs=macs, peak_memory_bytes=peaks)

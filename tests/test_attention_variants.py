@@ -4,6 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fastdit.metrics.cost import peak_memory_bytes
 from fastdit.metrics.flops import analyze
 from fastdit.models.attention import build_attention
 from fastdit.techniques import Context, parse
@@ -158,6 +159,23 @@ def test_linear_variants_cost_grows_linearly():
     for kind, kwargs in [("focused", dict(kv_heads=2)), ("mediated", dict(mediators=4))]:
         assert _attn_macs(kind, 1024, **kwargs) == 16 * _attn_macs(kind, 64, **kwargs)
     assert _attn_macs("mha", 1024) > 40 * _attn_macs("mha", 64)
+
+
+def _peak_bytes(kind, T, **kwargs):
+    torch.manual_seed(0)
+    layer = build_attention(kind, 64, 4, **kwargs).eval()
+    x = torch.randn(1, T, 64)
+    with torch.inference_mode():
+        return peak_memory_bytes(lambda: layer(x), "cpu")
+
+
+def test_linear_variants_memory_grows_linearly():
+    """The allocator's peak during one forward, 256 -> 1024 tokens: x4 for the linear variants (no T x T buffer),
+    where an attention that materializes its scores would grow ~x16."""
+    for kind, kwargs in [("focused", dict(kv_heads=1)), ("focused", dict(kv_heads=2)), ("mediated", dict(mediators=4)),
+                         ("mediated", dict(mediators=16, position_bias=True))]:
+        small, large = _peak_bytes(kind, 256, **kwargs), _peak_bytes(kind, 1024, **kwargs)
+        assert 3.5 < large / small < 4.5, (kind, kwargs, small, large)
 
 
 def test_apply_converts_without_training(tiny_dit):
