@@ -1,5 +1,6 @@
 """The `fastdit` command line: list, train, sample and evaluate DiT models; pre-extract latents."""
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -52,16 +53,26 @@ def cmd_models(args):
               f"{r['tokens']:>6} {r['params']:>13,} {r['gmacs']:>9.3f}  {r['source']}")
 
 
-def _init_distributed(device):
-    """Join the process group when launched by torchrun; returns (rank, device)."""
+@contextlib.contextmanager
+def _distributed(device):
+    """Join the process group when launched by torchrun; yields (rank, device).
+
+    On the way out every rank waits for the others and then leaves the group: a rank that simply exits while a
+    peer still holds its gloo connection can abort in gloo's teardown ("terminate called without an active
+    exception", exit -6), failing the whole torchrun job after its work is done."""
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        yield 0, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), ("cuda" if cuda else "cpu")
+    try:
+        yield dist.get_rank(), ("cuda" if cuda else "cpu")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _sampling_protocol(args):
@@ -77,10 +88,14 @@ def _sampling_protocol(args):
 
 
 def cmd_sample(args):
+    with _distributed(args.device) as (rank, device):
+        _sample(args, rank, device)
+
+
+def _sample(args, rank, device):
     from fastdit.diffusion import create_diffusion
     from fastdit.models import load
     from fastdit.sampling import decode, generate_distributed, load_vae, save_grid, save_npz, to_uint8
-    rank, device = _init_distributed(args.device)
     model = load(args.checkpoint, args.variant, num_heads=args.num_heads, use_ema=not args.no_ema).to(device)
     sampler, steps, cfg_scale, guided = _sampling_protocol(args)
     diffusion = create_diffusion(steps, learn_sigma=model.learn_sigma)

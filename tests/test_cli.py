@@ -98,11 +98,11 @@ def test_two_process_sampling_equals_one_process(tmp_path, pixel_checkpoint):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun gives each process 1 thread; match it
     common = [str(pixel_checkpoint), "--num-samples", "10", "--batch-size", "3", "--steps", "4", "--seed", "7",
               "--cfg-scale", "2", "--device", "cpu"]
-    subprocess.run([sys.executable, "-m", "fastdit.cli", "sample", *common, "--out", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "fastdit.cli", "sample", *common, "--out", str(tmp_path / "two")],
-                   check=True, env=env, capture_output=True)
+    for cmd in ([sys.executable, "-m", "fastdit.cli", "sample", *common, "--out", str(tmp_path / "one")],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "fastdit.cli", "sample", *common, "--out", str(tmp_path / "two")]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(cmd[1:4])} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
         assert one["arr_0"].shape == (10, 8, 8, 3)
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
