@@ -1,7 +1,7 @@
 """The bench report: markdown tables, the Pareto front and plot, and pytest-benchmark's JSON layout."""
 import json
 
-from fastdit.harness.report import markdown, pareto_front, short_label, summary_rows, write_report
+from fastdit.harness.report import label_offsets, markdown, pareto_front, short_label, summary_rows, write_report
 
 MACHINE = dict(device="cpu", name="AMD EPYC", torch="2.14.1", workers=0)
 
@@ -43,6 +43,15 @@ def test_write_report_files(tmp_path):
     bench = data["benchmarks"][0]
     assert bench["fullname"] == "bench/test_x.py::test_y[bad]:forward_speedup"
     assert bench["stats"]["rounds"] == 3 and bench["stats"]["median"] == 0.011 and bench["stats"]["iterations"] == 1
+
+
+def test_label_offsets_lift_a_label_off_the_ones_it_would_cover():
+    # three rows at one point, one far right, one far above: only the coinciding ones stack
+    offsets = label_offsets([(100, 100), (100, 100), (101, 102), (900, 100), (100, 600)], px_per_pt=1.0)
+    dys = [dy for _, dy in offsets]
+    assert dys[0] == dys[3] == dys[4] == 2.0
+    assert dys[1] == 9.0 and dys[2] == 16.0     # each lifted by a label height above the last
+    assert all(dx == 4.0 for dx, _ in offsets)
 
 
 def test_short_labels():

@@ -147,6 +147,22 @@ def short_label(technique, limit=28):
     return "+".join(parts)
 
 
+def label_offsets(anchors, px_per_pt, width_pt=110, height_pt=7):
+    """Text offsets (points) for labels at the given anchor pixels, so that no two labels overlap: a label that
+    would cover an earlier one is lifted above it. Fronts of similar rows (a distillation sweep) otherwise print
+    their labels on top of each other."""
+    placed, out = [], []
+    for x, y in anchors:
+        dy = 2.0
+        # A label's box starts at its anchor plus the offset; lift it until it clears every earlier box.
+        while any(abs(x - px) < width_pt * px_per_pt and abs((y + dy * px_per_pt) - py) < height_pt * px_per_pt
+                  for px, py in placed):
+            dy += height_pt
+        placed.append((x, y + dy * px_per_pt))
+        out.append((4.0, dy))
+    return out
+
+
 def pareto_plot(records, path):
     """FID against forward speedup over the reference (the reference sits at 1x) for the zoo rows: one panel per
     variant, because each variant has its own FID scale, with that variant's Pareto front labelled (every other
@@ -169,8 +185,6 @@ def pareto_plot(records, path):
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color="tab:blue", alpha=0.6)
         front = pareto_front(pts)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "r--o", lw=1, ms=4, label="Pareto front")
-        for i in front:
-            ax.annotate(short_label(points[i][2]), pts[i], fontsize=6, xytext=(4, 2), textcoords="offset points")
         for s, f, tech in points:
             if tech == "reference":
                 ax.scatter([s], [f], marker="*", s=90, color="black", zorder=3, label="reference")
@@ -179,6 +193,11 @@ def pareto_plot(records, path):
             ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.autoscale_view()
+        anchors = ax.transData.transform([pts[i] for i in front])   # pixels, on the final scale and limits
+        for i, (dx, dy) in zip(front, label_offsets(anchors, fig.dpi / 72)):
+            ax.annotate(short_label(points[i][2]), pts[i], fontsize=6, xytext=(dx, dy), textcoords="offset points",
+                        arrowprops=dict(arrowstyle="-", lw=0.3, color="0.5") if dy > 2 else None)
         ax.set_title(variant, fontsize=10)
         ax.set_xlabel("forward speedup over the unoptimized model (x, same run)", fontsize=8)
         ax.set_ylabel("FID (profile evaluator; lower is better)", fontsize=8)
