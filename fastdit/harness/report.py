@@ -148,8 +148,8 @@ def short_label(technique, limit=28):
 
 
 def label_offsets(anchors, px_per_pt, width_pt=110, height_pt=7):
-    """Text offsets (points) for labels at the given anchor pixels, so that no two labels overlap: a label that
-    would cover an earlier one is lifted above it. Fronts of similar rows (a distillation sweep) otherwise print
+    """Vertical text offsets (points) for labels at the given anchor pixels, so that no two labels overlap: a label
+    that would cover an earlier one is lifted above it. Fronts of similar rows (a distillation sweep) otherwise print
     their labels on top of each other."""
     placed, out = [], []
     for x, y in anchors:
@@ -159,7 +159,7 @@ def label_offsets(anchors, px_per_pt, width_pt=110, height_pt=7):
                   for px, py in placed):
             dy += height_pt
         placed.append((x, y + dy * px_per_pt))
-        out.append((4.0, dy))
+        out.append(dy)
     return out
 
 
@@ -195,8 +195,8 @@ def pareto_plot(records, path):
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.autoscale_view()
         anchors = ax.transData.transform([pts[i] for i in front])   # pixels, on the final scale and limits
-        for i, (dx, dy) in zip(front, label_offsets(anchors, fig.dpi / 72)):
-            ax.annotate(short_label(points[i][2]), pts[i], fontsize=6, xytext=(dx, dy), textcoords="offset points",
+        for i, dy in zip(front, label_offsets(anchors, fig.dpi / 72)):
+            ax.annotate(short_label(points[i][2]), pts[i], fontsize=6, xytext=(4, dy), textcoords="offset points",
                         arrowprops=dict(arrowstyle="-", lw=0.3, color="0.5") if dy > 2 else None)
         ax.set_title(variant, fontsize=10)
         ax.set_xlabel("forward speedup over the unoptimized model (x, same run)", fontsize=8)
