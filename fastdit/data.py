@@ -5,8 +5,10 @@ load_dataset(name) returns uint8 images (N, H, W, C) with int64 labels, or float
 into DiT's input range; encode_latents() / save_latents() pre-extract SD-VAE latents once, as fast-DiT does,
 and load_dataset("latents:PATH") reads them back.
 
-Offline sources: sklearn's digits ship in the scikit-learn wheel; the full Fashion-MNIST ships in the Debian
-package dataset-fashion-mnist. torchvision downloads it only as a last resort.
+Offline sources: the full Fashion-MNIST ships inside fastdit (fastdit/datasets/fashion-mnist, MIT, verified by
+sha256 at load), so `pip install` is all a machine needs; sklearn's digits ship in the scikit-learn wheel. A
+`root` folder, $FASTDIT_DATA or the Debian package dataset-fashion-mnist serve as alternatives, and torchvision
+downloads it only as a last resort.
 """
 import gzip
 import hashlib
@@ -15,6 +17,8 @@ import os
 import socket
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from .files import atomic_write, cache_root, sha256_file
 from .sampling import VAE_SCALE
 
+EMBEDDED_DIR = str(Path(__file__).parent / "datasets" / "fashion-mnist")  # shipped in the package, with its LICENSE
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # files of the Debian package dataset-fashion-mnist
 DOWNLOAD_TIMEOUT_S = 30  # torchvision's urlopen has no timeout: a blackholed network would hang forever
 DIGITS_TRAIN = 1437  # of sklearn's 1797 digits; the other 360 are the test split (80 / 20)
@@ -118,11 +123,57 @@ def _download_fashion_mnist(folder):
     return None
 
 
+def _read_sums(path):
+    """{file name: sha256} of a `sha256sum` listing (so `sha256sum -c SHA256SUMS` checks the same files)."""
+    sums = {}
+    for line in Path(path).read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if len(digest) != 64 or not name:
+            raise ValueError(f"{path} is corrupt (line {line!r} is not `<sha256>  <file>`); restore it with "
+                            f"`git checkout -- {path}` or reinstall fastdit")
+        sums[name] = digest
+    return sums
+
+
+@lru_cache(maxsize=None)
+def _verified(path, size, mtime_ns):
+    """sha256 of an embedded file against SHA256SUMS, once per file version and process (the zoo and every
+    technique load the data again; 31 MB of hashing each time would add up)."""
+    sums = _read_sums(os.path.join(os.path.dirname(path), "SHA256SUMS"))
+    name = os.path.basename(path)
+    if name not in sums:
+        raise ValueError(f"{path} is not listed in {os.path.dirname(path)}/SHA256SUMS; restore the folder with "
+                        "`git checkout` or reinstall fastdit")
+    if sha256_file(path) != sums[name]:
+        raise ValueError(f"the embedded data file {path} does not match its sha256 in SHA256SUMS (corrupt or "
+                        f"changed); restore it with `git checkout -- {path}` or reinstall fastdit")
+    return True
+
+
+def _embedded(split):
+    """The embedded folder when it holds the split's files (checked against SHA256SUMS), else None: an
+    installation built without them falls back to the other places."""
+    files = _idx_files(EMBEDDED_DIR, split)
+    if not all(os.path.isfile(p) for p in files):
+        return None
+    for p in files:
+        st = os.stat(p)
+        _verified(p, st.st_size, st.st_mtime_ns)
+    return EMBEDDED_DIR
+
+
 def _find_fashion_mnist(split, root):
-    """The first folder holding the split's two idx files, else FileNotFoundError listing where it looked."""
+    """The first folder holding the split's two idx files, else FileNotFoundError listing where it looked.
+
+    An explicit `root` wins; then the copy embedded in fastdit; then $FASTDIT_DATA, Debian's folder and the cache,
+    and a download as the last resort."""
+    if root and all(os.path.isfile(p) for p in _idx_files(root, split)):
+        return root
+    embedded = _embedded(split)
+    if embedded:
+        return embedded
     env = os.environ.get("FASTDIT_DATA")
-    candidates = [root] if root else []
-    candidates += [env, os.path.join(env, "fashion-mnist")] if env else []
+    candidates = [env, os.path.join(env, "fashion-mnist")] if env else []
     candidates.append(DEBIAN_DIR)
     for folder in candidates:
         if all(os.path.isfile(p) for p in _idx_files(folder, split)):
@@ -141,6 +192,7 @@ def _find_fashion_mnist(split, root):
 
     images, labels = (os.path.basename(p) for p in _idx_files("", split))
     searched = [f"  {root}  (root=)"] if root else []
+    searched.append(f"  {EMBEDDED_DIR}  (the copy shipped with fastdit: missing from this installation)")
     searched.append(f"  {env} and {os.path.join(env, 'fashion-mnist')}  ($FASTDIT_DATA)" if env else
                     "  $FASTDIT_DATA  (not set)")
     searched.append(f"  {DEBIAN_DIR}  (Debian package dataset-fashion-mnist)")
@@ -148,8 +200,9 @@ def _find_fashion_mnist(split, root):
     raise FileNotFoundError(
         f"Fashion-MNIST split {split!r} not found: no folder holds both {images} and {labels}. Searched:\n"
         + "\n".join(searched) + "\nFix it with one of:\n"
-        f"  sudo apt-get install dataset-fashion-mnist    # Debian/Ubuntu: installs it into {DEBIAN_DIR}\n"
-        f"  export FASTDIT_DATA=/dir/with/{images}    # a folder holding the four idx .gz files")
+        "  pip install -e .    # from a complete clone of fastdit: it ships the data in fastdit/datasets\n"
+        f"  export FASTDIT_DATA=/dir/with/{images}    # a folder holding the four idx .gz files\n"
+        f"  sudo apt-get install dataset-fashion-mnist    # Debian/Ubuntu: installs it into {DEBIAN_DIR}")
 
 
 def load_fashion_mnist(split="train", root=None):
@@ -312,6 +365,28 @@ def load_dataset(name: str, split: str = "train", root: str | None = None) -> Im
         return PREFIXED[prefix](os.path.abspath(os.path.expanduser(path)))
     known = ", ".join(list(NAMED) + [f"{p}:PATH" for p in PREFIXED])
     raise ValueError(f"unknown data set {name!r}; known: {known}")
+
+def check_dataset(name, image_size, resize="resize"):
+    """Load a profile's training split and check that it can become image_size x image_size model inputs; raises
+    FileNotFoundError / ValueError saying what was looked for and how to fix it. Returns the data set."""
+    if name == "latents":
+        raise ValueError("this profile trains on your own VAE latents, and none were named: pass --dataset "
+                         "latents:FILE.npz (write one with `fastdit encode --dataset folder:DIR --vae VAE --out FILE.npz`)")
+    data = load_dataset(name, "train")
+    if hasattr(data, "latents"):
+        n, c, h, w = data.latents.shape
+        if (h, w) != (image_size, image_size):
+            raise ValueError(f"{data.name} holds {c}x{h}x{w} latents, but the profile's models take "
+                             f"{image_size}x{image_size}: encode images of {image_size * 8}x{image_size * 8} pixels "
+                             "(the SD-VAE downsamples 8x) or choose a profile of that size")
+    else:
+        n, h, w, c = data.images.shape
+        if resize == "pad" and max(h, w) > image_size:
+            raise ValueError(f"{data.name} holds {h}x{w} images, larger than the profile's {image_size}x{image_size} "
+                             "canvas they would be padded to; use a profile with resize='resize' or larger images")
+    if n == 0:
+        raise ValueError(f"{data.name} holds no training items")
+    return data
 
 #################################################################################
 #                              Preprocessing for DiT                            #

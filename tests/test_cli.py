@@ -108,11 +108,6 @@ def test_two_process_sampling_equals_one_process(tmp_path, pixel_checkpoint):
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
 
 
-needs_fmnist = pytest.mark.skipif(not __import__("os").path.exists("/usr/share/datasets/fashion-mnist"),
-                                  reason="Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
-
-
-@needs_fmnist
 def test_eval_prints_metrics_of_an_npz_and_of_real_data(capsys, tmp_path):
     from fastdit.metrics.quality import reference_images
     images, _ = reference_images("fashion-mnist", "train", 200, 16, seed=3)
@@ -131,7 +126,6 @@ def test_eval_prints_metrics_of_an_npz_and_of_real_data(capsys, tmp_path):
     assert code == 2 and "holds 200 images" in err
 
 
-@needs_fmnist
 def test_eval_calibrates_the_seed_to_seed_spread_of_a_zoo_model(capsys, tmp_path):
     out = tmp_path / "noise.json"
     from fastdit.zoo import COMMITTED_ZOO

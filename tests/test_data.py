@@ -39,7 +39,8 @@ def write_fashion(folder, n_train=12, n_test=5, seed=0):
 
 @pytest.fixture
 def no_fashion(tmp_path, monkeypatch):
-    """Hide every real copy of Fashion-MNIST: empty Debian folder and cache, no $FASTDIT_DATA."""
+    """Hide every real copy of Fashion-MNIST: no embedded copy, empty Debian folder and cache, no $FASTDIT_DATA."""
+    monkeypatch.setattr(data, "EMBEDDED_DIR", str(tmp_path / "embedded"))
     monkeypatch.setattr(data, "DEBIAN_DIR", str(tmp_path / "debian"))
     monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FASTDIT_DATA", raising=False)
@@ -161,18 +162,51 @@ def test_fashion_mnist_rejects_unknown_split(no_fashion):
         load_dataset("fashion-mnist", "val", root=str(no_fashion))
 
 
-def test_real_fashion_mnist():
-    if not os.path.isfile(os.path.join(data.DEBIAN_DIR, "train-images-idx3-ubyte.gz")):
-        pytest.skip(f"Fashion-MNIST not in {data.DEBIAN_DIR}: sudo apt-get install dataset-fashion-mnist")
-    train = data.load_fashion_mnist("train", root=data.DEBIAN_DIR)
+# The data fingerprints the committed zoo's keys were made with (fastdit/weights/cpu/MANIFEST.json).
+FINGERPRINTS = {"train": "d9ef4273af5c2e360155dad0c06bd939447bf37a6620db007d69fc79e4732045"}
+
+
+def test_embedded_fashion_mnist_is_the_real_one():
+    train = data.load_fashion_mnist("train")
     assert train.images.shape == (60000, 28, 28, 1) and train.images.dtype == np.uint8
     assert train.labels.dtype == np.int64 and train.num_classes == 10
     assert np.bincount(train.labels).tolist() == [6000] * 10
     assert 0 < train.images.mean() < 255 and train.images.max() == 255
-    test = data.load_fashion_mnist("test", root=data.DEBIAN_DIR)
+    assert train.fingerprint == FINGERPRINTS["train"]
+    test = data.load_fashion_mnist("test")
     assert test.images.shape == (10000, 28, 28, 1) and np.bincount(test.labels).tolist() == [1000] * 10
-    assert data.load_fashion_mnist("test", root=data.DEBIAN_DIR).fingerprint == test.fingerprint
+    assert data.load_fashion_mnist("test").fingerprint == test.fingerprint
     assert len({train.fingerprint, test.fingerprint}) == 2
+    sums = data._read_sums(os.path.join(data.EMBEDDED_DIR, "SHA256SUMS"))
+    assert sorted(sums) == sorted(FASHION_FILES)
+    assert os.path.isfile(os.path.join(data.EMBEDDED_DIR, "LICENSE"))
+
+
+def test_embedded_copy_comes_before_env_and_debian_and_root_before_it(no_fashion, monkeypatch):
+    monkeypatch.setattr(data, "EMBEDDED_DIR", os.path.join(os.path.dirname(data.__file__), "datasets",
+                                                           "fashion-mnist"))
+    write_fashion(no_fashion / "debian", n_train=3, seed=1)
+    write_fashion(no_fashion / "env", n_train=4, seed=2)
+    write_fashion(no_fashion / "root", n_train=5, seed=3)
+    monkeypatch.setenv("FASTDIT_DATA", str(no_fashion / "env"))
+    assert len(load_dataset("fashion-mnist", "test").images) == 10000
+    assert len(load_dataset("fashion-mnist", "test", root=str(no_fashion / "root")).images) == 5
+
+
+def test_a_corrupt_embedded_file_is_an_error_not_a_fallback(no_fashion, monkeypatch):
+    import shutil
+    real = os.path.join(os.path.dirname(data.__file__), "datasets", "fashion-mnist")
+    copy = no_fashion / "embedded"
+    shutil.copytree(real, copy)
+    write_fashion(no_fashion / "debian")  # a fallback that must not be taken
+    labels = copy / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(labels.read_bytes())
+    raw[-20] ^= 1
+    labels.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match its sha256") as e:
+        load_dataset("fashion-mnist", "test")
+    assert str(labels) in str(e.value) and "git checkout" in str(e.value)
+
 
 #################################################################################
 #                                     digits                                    #

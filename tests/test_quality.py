@@ -7,10 +7,6 @@ import torch_fidelity
 from fastdit.metrics import quality
 from fastdit.metrics.domain import SPATIAL_CHANNELS, register
 
-FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
-needs_fmnist = pytest.mark.skipif(not __import__("os").path.exists(FMNIST),
-                                  reason="Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
-
 
 def scipy_frechet(a, b):
     """An independent Fréchet distance: numpy statistics and scipy's matrix square root."""
@@ -60,7 +56,6 @@ def noise(images, sigma=40.0):
     return np.clip(images + rng.normal(0, sigma, images.shape), 0, 255).astype(np.uint8)
 
 
-@needs_fmnist
 def test_domain_evaluator_separates_real_from_degraded(domain):
     """N = 1000 per side (the cpu profile's N): real vs real sits at the finite-N floor, blurred and noised far above.
 
@@ -75,7 +70,6 @@ def test_domain_evaluator_separates_real_from_degraded(domain):
     assert floor < 0.3 and blurred > 30 * floor and noised > 15 * floor, (floor, blurred, noised)
 
 
-@needs_fmnist
 def test_domain_kid_separates_real_from_degraded_by_two_orders_at_500(domain):
     """N = 500 per side, the issue's setting. KID is unbiased, so real vs real sits at 0 (within its sampling
     error) and blurred / noised images land two orders of magnitude away; the Fréchet distance at this N carries a
@@ -92,7 +86,6 @@ def test_domain_kid_separates_real_from_degraded_by_two_orders_at_500(domain):
     assert min(kid["blur"], kid["noise"]) > 0.1, kid
 
 
-@needs_fmnist
 def test_domain_features_and_torch_fidelity_registration(domain):
     images, _ = quality.reference_images("fashion-mnist", "test", 8, 16)
     feats = domain.features(images)
@@ -118,7 +111,6 @@ def test_domain_features_and_torch_fidelity_registration(domain):
     assert m["frechet_inception_distance"] == pytest.approx(direct, rel=1e-5)
 
 
-@needs_fmnist
 def test_reference_features_are_cached(domain, monkeypatch, tmp_path):
     monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path))
     first = quality.reference_features(domain, "fashion-mnist", "test", 20, 16)
@@ -128,7 +120,6 @@ def test_reference_features_are_cached(domain, monkeypatch, tmp_path):
     assert len(list((tmp_path / "reference").glob("*.npz"))) == 1
 
 
-@needs_fmnist
 def test_calibrate_noise_reports_the_spread(domain):
     ref = quality.reference_features(domain, "fashion-mnist", "test", 100, 16)
     noise_stats = quality.calibrate_noise(lambda seed: quality.reference_images("fashion-mnist", "train", 100, 16,
