@@ -57,7 +57,10 @@ def test_permuting_the_batch_permutes_the_output(case, batch, side, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, side * side, 64, generator=g)
     perm = torch.randperm(batch, generator=g)
-    torch.testing.assert_close(attn(x[perm]), attn(x)[perm], rtol=1e-4, atol=1e-5)
+    ref = attn(x)[perm]
+    # the paper's unnormalized focused attention grows with the tokens (|out| ~ 200 at 25 tokens), and a kernel's
+    # rounding, which may differ with the row position, grows with it: the tolerance scales with the output
+    torch.testing.assert_close(attn(x[perm]), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
 def test_bad_settings_say_what_to_do():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 from PIL import Image
 
 from fastdit.diffusion import create_diffusion
@@ -15,6 +15,9 @@ def model(tiny_dit):
 
 @given(n=st.integers(1, 7), batch_size=st.integers(1, 7), steps=st.sampled_from([1, 3, 8]),
        sampler=st.sampled_from(["ddpm", "ddim"]), cfg=st.sampled_from([1.0, 3.0]), seed=st.integers(0, 2**31))
+# samples of |x| ~ 500 whose rounding exceeded a fixed atol=1e-4 (the first on another CPU than the second)
+@example(n=2, batch_size=2, steps=3, sampler="ddpm", cfg=3.0, seed=2)
+@example(n=2, batch_size=5, steps=3, sampler="ddpm", cfg=3.0, seed=849010933)
 def test_sample_i_does_not_depend_on_batching(model, n, batch_size, steps, sampler, cfg, seed):
     diffusion = create_diffusion(steps)
     kw = dict(seed=seed, sampler=sampler, cfg_scale=cfg, eta=0.5, batch_size=batch_size)
@@ -28,7 +31,11 @@ def test_sample_i_does_not_depend_on_batching(model, n, batch_size, steps, sampl
     # any other split of the work changes only the float rounding of the matrix kernels
     odd, odd_labels = generate(model, diffusion, range(1, n, 2), **{**kw, "batch_size": n})
     assert torch.equal(odd_labels, labels[1::2])
-    assert torch.allclose(odd, whole[1::2], atol=1e-4, rtol=1e-4)
+    # the chain's steps amplify that rounding in proportion to the values' scale: an untrained model's samples reach
+    # |x| ~ 900 and differ by up to ~2e-6 of their largest value, so the tolerance scales with each sample's; another
+    # label or noise stream changes a sample by >= 5e-4 of it
+    for a, b in zip(odd, whole[1::2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 @given(grid=st.sampled_from([(4, 4), (8, 4), (8, 2), (12, 4)]), in_channels=st.sampled_from([1, 3]),
