@@ -20,7 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastdit.harness.gate import DEFAULT_RULES, Measurement
+from fastdit.harness.gate import DEFAULT_RULES, Measurement, memory_scope
 from fastdit.metrics import cost
 from fastdit.metrics.flops import flop_analysis
 from fastdit.models.attention import build_attention
@@ -113,7 +113,8 @@ def test_forward_invariants(bench, variant, setting, batch, seed):
         permuted = model(x[perm], t[perm], y[perm])
     assert out.shape == (batch, model.out_channels, model.input_size, model.input_size)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(permuted, out[perm], rtol=1e-4, atol=1e-5)
+    # the paper's unnormalized focused attention grows with the tokens: the tolerance scales with the output
+    torch.testing.assert_close(permuted, out[perm], rtol=1e-4, atol=1e-5 * out.abs().max().item())
 
 
 def _exponent(tokens, values):
@@ -174,13 +175,15 @@ def test_scaling(bench, request, name):
                        protocol, scope="hardware", ci=(at_max["ci_low"], at_max["ci_high"]), p_value=at_max["p_value"],
                        extra=dict(timing=times[name][-1].samples, reference_timing=times["mha"][-1].samples))]
     # Peak memory is an allocator count, not a timing: it repeats exactly on one kernel set, so it is gated at the
-    # memory rule. Its scope is the hardware because the device picks the attention kernel: a fused softmax kernel
-    # never holds the T x T scores, and then linear attention saves no memory.
+    # memory rule. On CPU every layer's peak at 4,096 tokens was byte-identical under torch's default and AVX2
+    # kernels (softmax 10,485,760 B, focused MQA 12,652,544 B), so it gates on any CPU with the same torch; on a GPU
+    # the card picks the attention kernel (a fused softmax never holds the T x T scores), so only on the same card.
     memory = dict(DEFAULT_RULES["memory"])
+    scope = memory_scope(bench.machine["device"])
     out += [Measurement(f"peak_memory_bytes_at_{TOKENS[-1]}", peaks[name][-1], "B", "lower", memory, protocol,
-                        scope="hardware"),
+                        scope=scope),
             Measurement(f"memory_ratio_at_{TOKENS[-1]}", round(peaks[name][-1] / peaks["mha"][-1], 4), "x", "lower",
-                        memory, protocol, scope="hardware"),
+                        memory, protocol, scope=scope),
             Measurement("memory_exponent", round(memory_exponents[name], 4), "", "lower", relative, protocol,
                         scope="hardware", extra=dict(gated=False)),
             Measurement("reference_memory_exponent", round(memory_exponents["mha"], 4), "", "lower", relative,

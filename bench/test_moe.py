@@ -216,7 +216,7 @@ def test_dispatch(bench, request, batch):
         # At batch 1 the ratios compare different op mixes (routing overhead vs matmuls) and drifted 11% between
         # unchanged runs: reported there, gated at batch 8.
         out.append(Measurement(metric, s["ratio"], "x", "higher", speed, protocol, ci=(s["ci_low"], s["ci_high"]),
-                               p_value=s["p_value"], extra=dict(gated=gated and batch != 1,
+                               p_value=s["p_value"], scope="hardware", extra=dict(gated=gated and batch != 1,
                                                                 timing=timings[candidate].samples,
                                                                 reference_timing=timings[reference].samples)))
     ratio = {m.metric: m for m in out}["sorted_vs_same_macs"]

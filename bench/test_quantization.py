@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdit.harness.gate import DEFAULT_RULES, Measurement
+from fastdit.harness.gate import DEFAULT_RULES, Measurement, memory_scope
 from fastdit.metrics import cost
 from fastdit.metrics.flops import example_inputs
 from fastdit.techniques import quantization as q
@@ -74,7 +74,7 @@ def _peak(model, protocol, batch_size, device):
         model(x, t, y)  # a compiled model compiles on its first call: keep that out of the peak
         peak = cost.peak_memory_bytes(lambda: model(x, t, y), device)
     return Measurement("peak_memory_bytes", peak, "B", "lower", dict(DEFAULT_RULES["memory"]),
-                       dict(protocol, batch_size=batch_size), scope="hardware")
+                       dict(protocol, batch_size=batch_size), scope=memory_scope(torch.device(device).type))
 
 
 # ------------------------------------------------------------------------------------------------- paper scale

@@ -24,7 +24,7 @@ from .files import atomic_write
 
 DIRECTIONS = ("lower", "higher", "equal")  # which way is better; "equal": any change is a change
 RULES = ("exact", "relative", "noise", "ratio")
-SCOPES = ("any", "hardware", "machine")  # where an entry applies: see fastdit.harness.gate
+SCOPES = ("any", "software", "hardware", "machine")  # where an entry applies: see fastdit.harness.gate.SCOPES
 REQUIRED = {"value": (int, float), "unit": str, "direction": str, "rule": dict, "protocol": dict, "machine": dict,
             "date": str, "reason": str}
 

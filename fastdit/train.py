@@ -80,12 +80,13 @@ def latest_checkpoint(folder):
 
 
 def train(config, x, y, num_classes, out_dir, *, ckpt_every=0, keep_last=2, device=None, progress=True, model=None,
-          loss_fn=None):
+          loss_fn=None, on_step=None):
     """Train `config.variant` on x (N, C, S, S) in [-1, 1] / labels y (N,); checkpoints in out_dir/checkpoints.
 
     model: start from this model (its architecture and weights: a converted, pruned or upcycled network being
     fine-tuned) instead of a fresh `config.variant`. loss_fn(model, diffusion, x0, t, labels, noise) -> scalar
     replaces the diffusion loss (distillation adds its teacher term there); it is called under the step's seeds.
+    on_step(done, total, seconds) is called after every step (seconds: since this run started or resumed).
     Resumes from the newest checkpoint there. Returns a dict of statistics (final loss, steps/s, seconds).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -121,6 +122,8 @@ def train(config, x, y, num_classes, out_dir, *, ckpt_every=0, keep_last=2, devi
         update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
         losses.append(loss)
         done = step + 1
+        if on_step:
+            on_step(done, config.steps, time.perf_counter() - t0)
         if progress and (done % 20 == 0 or done == config.steps):
             rate = len(losses) / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", steps_per_s=f"{rate:.2f}")

@@ -25,6 +25,10 @@ from .models import load
 from .profiles import get_profile
 from .train import train
 
+# Callables told of every training the zoo runs (the bench plugin shows them live and sums them up):
+# observer(event) with event = dict(kind="start" | "step" | "end", label, steps, folder, done, seconds).
+TRAINING_OBSERVERS = []
+
 # Bump when the training path changes what a given TrainConfig produces (loss, schedule, data order, init):
 # every cached and committed model keyed by the old version then stops matching.
 TRAINING_VERSION = 1
@@ -75,9 +79,22 @@ def ensure_trained(config, *, committed=None, progress=True):
         if found:
             return found
         x, y, num_classes, _ = training_data(config, data)  # prepared only when there is something to train
-        stats = train(config, x, y, num_classes, folder / "work", ckpt_every=max(config.steps // 10, 50),
-                      progress=progress)
+        stats = _train_observed(f"zoo {config.variant}", config, x, y, num_classes, folder,
+                                ckpt_every=max(config.steps // 10, 50), progress=progress)
         return _publish(folder, stats, config, key)
+
+
+def _train_observed(label, config, x, y, num_classes, folder, **train_kwargs):
+    """train() into folder/work, telling TRAINING_OBSERVERS as it starts, steps and ends."""
+    def tell(kind, done=0, seconds=0.0):
+        for observer in list(TRAINING_OBSERVERS):
+            observer(dict(kind=kind, label=label, steps=config.steps, folder=str(folder), done=done, seconds=seconds))
+    tell("start")
+    stats = train(config, x, y, num_classes, folder / "work",
+                  on_step=(lambda done, total, seconds: tell("step", done, seconds)) if TRAINING_OBSERVERS else None,
+                  **train_kwargs)
+    tell("end", config.steps, stats["seconds"])
+    return stats
 
 
 def _committed(profile, variant, key):
@@ -157,8 +174,9 @@ def train_cached(name, spec, make_model, config, *, loss_fn=None, device="cpu", 
             found = _cached(folder)
             if not found:
                 x, y, num_classes, _ = training_data(config, data)
-                stats = train(config, x, y, num_classes, folder / "work", ckpt_every=max(config.steps // 5, 50),
-                              progress=progress, model=model, loss_fn=loss_fn, device=device)
+                stats = _train_observed(f"{name} {config.variant}", config, x, y, num_classes, folder,
+                                        ckpt_every=max(config.steps // 5, 50), progress=progress, model=model,
+                                        loss_fn=loss_fn, device=device)
                 found = _publish(folder, stats, config, key)
     path, info = found
     state = torch.load(path, map_location="cpu", weights_only=True)

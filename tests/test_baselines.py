@@ -74,3 +74,9 @@ def test_device_class():
     assert device_class({"device": "cpu", "name": "AMD EPYC"}) == "cpu"
     assert device_class({"device": "cuda", "name": "NVIDIA H200"}) == "nvidia-h200"
     assert device_class({"device": "cuda", "name": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"
+
+
+def test_the_file_schema_knows_every_scope_the_gate_uses():
+    from fastdit.baselines import SCOPES
+    from fastdit.harness import gate
+    assert set(SCOPES) == set(gate.SCOPES)

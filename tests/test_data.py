@@ -456,3 +456,17 @@ def test_latents_round_trip(tiny_vae, tmp_path):
     np.savez(tmp_path / "other.npz", latents=z.numpy())
     with pytest.raises(ValueError, match="save_latents"):
         load_dataset(f"latents:{tmp_path / 'other.npz'}")
+
+
+def test_check_dataset_names_what_does_not_fit(tmp_path):
+    save_latents(tmp_path / "z.npz", np.zeros((4, 4, 16, 16), np.float32), np.arange(4) % 2, 2)
+    with pytest.raises(ValueError, match=r"4x16x16 latents, but the profile's models take 32x32.*256x256 pixels"):
+        data.check_dataset(f"latents:{tmp_path / 'z.npz'}", 32)
+    assert data.check_dataset(f"latents:{tmp_path / 'z.npz'}", 16).latents.shape == (4, 4, 16, 16)
+    with pytest.raises(ValueError, match="pass --dataset latents:FILE.npz"):
+        data.check_dataset("latents", 32)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.check_dataset(f"npz:{tmp_path / 'missing.npz'}", 16)
+    with pytest.raises(ValueError, match="larger than the profile's 4x4 canvas"):
+        data.check_dataset("digits", 4, resize="pad")
+    assert data.check_dataset("digits", 16, resize="pad").images.shape[1:] == (8, 8, 1)

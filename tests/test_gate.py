@@ -1,8 +1,8 @@
 """The gate's rules, one verdict at a time (no timing: measurements are constructed)."""
 import pytest
 
-from fastdit.harness.gate import (DEFAULT_RULES, IMPROVED, MISMATCH, NO_BASELINE, PASSED, REGRESSED, UNSTABLE,
-                                  Measurement, judge)
+from fastdit.harness.gate import (DEFAULT_RULES, ELSEWHERE, FAILING, IMPROVED, MISMATCH, NO_BASELINE, PASSED,
+                                  REGRESSED, SCOPES, UNSTABLE, Measurement, judge, memory_scope)
 
 MACHINE = dict(device="cpu", name="AMD EPYC", threads=1, workers=0, torch="2.14.1", cuda=None, capability=None)
 
@@ -79,11 +79,44 @@ def test_machine_scoped_metrics_gate_only_on_the_same_machine():
     t = Measurement("forward_ms", 12.0, "ms", "lower", DEFAULT_RULES["time"], {}, scope="machine")
     base = stored(t, 10.0)
     assert judge(t, base, MACHINE).outcome == PASSED  # +20% is within the 25% tolerance
-    assert judge(t, base, dict(MACHINE, workers=2)).outcome == NO_BASELINE
+    assert judge(t, base, dict(MACHINE, workers=2)).outcome == ELSEWHERE
     hw = speed(1.0, (0.95, 1.05), scope="hardware")
     v = judge(hw, stored(hw, 1.0), dict(MACHINE, name="Intel Xeon", workers=2))
-    assert v.outcome == NO_BASELINE and "name 'AMD EPYC'" in v.detail
+    assert v.outcome == ELSEWHERE and "name 'AMD EPYC'" in v.detail
     assert judge(hw, stored(hw, 1.0), dict(MACHINE, workers=2)).outcome == PASSED  # same hardware, other load
+
+
+OTHER_CPU = dict(MACHINE, name="Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", threads=2, torch="2.14.1+cpu")
+
+
+def test_a_speed_ratio_recorded_on_other_hardware_is_reported_not_judged():
+    # distillation's student/teacher ratio, as unchanged code read it on another CPU model: 12% below the baseline,
+    # significant, so on the recording hardware it would fail
+    ratio = speed(2.66, (2.60, 2.71), scope="hardware")
+    base = stored(speed(3.03, (2.95, 3.1), scope="hardware"), 3.03)
+    assert judge(ratio, base, MACHINE).outcome == REGRESSED
+    v = judge(ratio, base, OTHER_CPU)
+    assert v.outcome == ELSEWHERE and v.outcome not in FAILING and not v.failed
+    assert v.baseline == 3.03 and v.value == 2.66  # reported beside its baseline
+    assert v.recorded_on.startswith("AMD EPYC") and "Intel" in v.detail and SCOPES["hardware"]["why"] in v.detail
+
+
+def test_deterministic_metrics_recorded_elsewhere_are_judged():
+    assert judge(exact(101), stored(exact(100), 100), OTHER_CPU).outcome == REGRESSED
+    assert judge(exact(100), stored(exact(100), 100), OTHER_CPU).outcome == PASSED
+    assert judge(quality(3.2), stored(quality(2.5), 2.5), OTHER_CPU).outcome == REGRESSED
+    # CPU peak memory is an allocator count: it gates on any CPU with the same torch release, whichever wheel
+    memory = Measurement("peak_memory_bytes", 6.6e6, "B", "lower", DEFAULT_RULES["memory"], {"batch_size": 64},
+                         scope=memory_scope("cpu"))
+    base = stored(memory, 5996544)
+    assert judge(memory, base, OTHER_CPU).outcome == REGRESSED
+    assert judge(Measurement(**{**memory.__dict__, "value": 5996544}), base, OTHER_CPU).outcome == PASSED
+    assert judge(memory, base, dict(OTHER_CPU, torch="2.15.0")).outcome == ELSEWHERE  # other kernels
+    # on a GPU the card chooses kernels and workspaces: another card reports it
+    gpu = dict(MACHINE, device="cuda", name="NVIDIA H100", cuda="13.0", capability="9.0")
+    cuda_memory = Measurement(**{**memory.__dict__, "scope": memory_scope("cuda")})
+    assert judge(cuda_memory, stored(cuda_memory, 5996544) | {"machine": gpu}, dict(gpu, name="NVIDIA H200")
+                 ).outcome == ELSEWHERE
 
 
 def test_no_baseline():

@@ -10,6 +10,7 @@ chosen by FASTDIT_PLANT, before anything is imported by the tests:
 Baselines are first recorded by an unplanted run in the same scratch directory, and an unchanged second run must
 pass: that is the false-alarm half of the test.
 """
+import json
 import shutil
 from pathlib import Path
 
@@ -170,3 +171,38 @@ def test_parallel_run_ships_every_verdict_to_the_summary(project, monkeypatch):
     unchanged.stdout.fnmatch_lines(["*test_cost[[]DiT-mS/4[]]*params*passed*",
                                     "*test_paper_cost[[]DiT-XS/4[]]*params*passed*"])
     assert "regressed" not in unchanged.stdout.str()
+
+
+def _recorded_elsewhere(path, name):
+    """Rewrite a baseline file as if a runner with another CPU model had recorded it."""
+    data = json.loads(path.read_text())
+    for metrics in data.values():
+        for entry in metrics.values():
+            entry["machine"]["name"] = name
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def test_another_runner_passes_unchanged_code_and_still_gates_what_is_deterministic(project, monkeypatch):
+    """Baselines recorded on another CPU model: speed ratios, efficiencies and times are reported, one summary line
+    per kind; counts, quality and CPU peak memory are still judged, so a grown model fails here too."""
+    select = "test_cost or test_quality or block_parts"
+    recorded = run(project, monkeypatch, "", select, "--update-baselines", "--baseline-reason", "self-test")
+    recorded.assert_outcomes(passed=4)
+    _recorded_elsewhere(project.path / "bl" / "cpu" / "cpu.json", "Intel(R) Xeon(R) Platinum 8375C")
+    unchanged = run(project, monkeypatch, "", select, "-rs")
+    out = unchanged.stdout.str()
+    unchanged.assert_outcomes(passed=2, skipped=2)  # the block parts time only: nothing of theirs gates here
+    assert "regressed" not in out, out
+    unchanged.stdout.fnmatch_lines([
+        "*test_cost[[]DiT-mS/4[]]*peak_memory_bytes*passed*",          # judged on another CPU: an allocator count
+        "*block_parts*attention_efficiency*not gated here*",
+        "not gated here: this runner is *; these metrics are reported beside their baselines:",
+        "  * speed ratios and efficiencies (hardware scope: *), recorded on Intel(R) Xeon(R) Platinum 8375C (*",
+        "  * absolute times (machine scope: *), recorded on Intel*",
+        "  to gate them on this runner, record its own baselines once on a quiet machine: *"])
+    assert out.count("(hardware scope:") == 1 and out.count("(machine scope:") == 1  # one line per kind
+    unchanged.stdout.fnmatch_lines(["SKIPPED [[]2[]] *: nothing gated on this runner*"])  # one line for both tests
+
+    grown = run(project, monkeypatch, "extra-block", "test_cost")
+    grown.assert_outcomes(failed=1)
+    grown.stdout.fnmatch_lines(["*params: regressed: changed from *"])

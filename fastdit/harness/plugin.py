@@ -3,16 +3,19 @@
 Loaded by the repository's root conftest.py (`pytest_plugins = ["fastdit.harness.plugin"]`); a team that installs
 fastdit in its own repository loads it the same way.
 """
+import contextlib
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from ..techniques import stack_id
-from .gate import IMPROVED, NO_BASELINE, UNSTABLE
-from .session import PROPERTY, Bench
+from .gate import ELSEWHERE, IMPROVED, NO_BASELINE, SCOPES, UNSTABLE, recorded_on
+from .session import PROPERTY, Bench, SetupError
 
 TIERS = ("quick", "full")
+TRAINED = "fastdit-trained"  # key of the trainings a test ran, in its report's user_properties
 
 
 def pytest_addoption(parser):
@@ -30,6 +33,9 @@ def pytest_addoption(parser):
                 help="why the baselines change; stored with every updated entry")
     g.addoption("--bench-report", dest="fastdit_bench_report", default=None, metavar="DIR",
                 help="write report.md, pareto.png and benchmark.json (pytest-benchmark format) to DIR")
+    g.addoption("--dataset", dest="fastdit_dataset", default=None, metavar="NAME",
+                help="override the profile's data set: fashion-mnist, digits, npz:FILE, folder:DIR or latents:FILE "
+                     "(changes the protocol: no baseline matches)")
     g.addoption("--fid-samples", dest="fastdit_fid_samples", type=int, default=None, metavar="N",
                 help="override the profile's sample count for FID (changes the protocol: no baseline matches)")
     g.addoption("--calibration-seeds", dest="fastdit_calibration_seeds", type=int, default=3, metavar="K",
@@ -49,7 +55,9 @@ def pytest_configure(config):
     if config.getoption("fastdit_calibration_seeds") < 1:
         raise pytest.UsageError("--calibration-seeds must be at least 1 (2 or more to measure a spread)")
     config._fastdit_records = []
+    config._fastdit_trained = []
     config.pluginmanager.register(_Collector(config), "fastdit-collector")
+    config.pluginmanager.register(_TrainingLog(config), "fastdit-training")
 
 
 class _Collector:
@@ -62,6 +70,64 @@ class _Collector:
     def pytest_runtest_logreport(self, report):
         if report.when == "call":
             self.config._fastdit_records += [record for key, record in report.user_properties if key == PROPERTY]
+        self.config._fastdit_trained += [t for key, t in report.user_properties if key == TRAINED]
+
+
+class _TrainingLog:
+    """Shows every training the zoo runs as it happens (a cold cache trains students, fine-tunes and upcycled
+    experts for minutes), past pytest's output capture; under xdist the workers stay quiet. Each finished training
+    rides on its test's report, so the controller's summary can add them up."""
+
+    EVERY_S = 15  # seconds between progress lines of one training
+
+    def __init__(self, config):
+        self.config = config
+        self.worker = hasattr(config, "workeroutput")
+        self.pending = []  # finished trainings not yet attached to a report
+        self.started = self.last = None
+        from ..zoo import TRAINING_OBSERVERS
+        TRAINING_OBSERVERS.append(self.observe)
+
+    def pytest_unconfigure(self):
+        from ..zoo import TRAINING_OBSERVERS
+        if self.observe in TRAINING_OBSERVERS:
+            TRAINING_OBSERVERS.remove(self.observe)
+
+    def observe(self, event):
+        now = time.monotonic()
+        label, steps, done = event["label"], event["steps"], event["done"]
+        if event["kind"] == "start":
+            self.started, self.last, self.first = now, now, None
+            self.say(f"training {label}, {steps} steps, into {event['folder']}")
+        elif event["kind"] == "step":
+            self.first = self.first or (done - 1, now)  # where this run started (a resumed run starts past 0)
+            if now - self.last >= self.EVERY_S:
+                self.last = now
+                rate = (done - self.first[0]) / max(event["seconds"], 1e-9)
+                self.say(f"training {label}: {done}/{steps} steps, {rate:.1f} steps/s, "
+                         f"{(steps - done) / max(rate, 1e-9):.0f} s left")
+        else:
+            seconds = now - self.started
+            self.say(f"trained {label}: {steps} steps in {seconds:.0f} s")
+            self.pending.append(dict(label=label, steps=steps, seconds=round(seconds, 1), folder=event["folder"]))
+
+    def say(self, line):
+        if self.worker:
+            return
+        tr = self.config.pluginmanager.getplugin("terminalreporter")
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+        if tr is None:
+            return
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            tr.ensure_newline()
+            tr.write_line(f"fastdit: {line}")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        outcome = yield
+        if self.pending:
+            outcome.get_result().user_properties += [(TRAINED, t) for t in self.pending]
+            self.pending = []
 
 
 @pytest.fixture(scope="session")
@@ -84,18 +150,44 @@ def _fresh_compiler():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Early, clear errors: a corrupt baseline file or an unknown profile stops the run before any measuring."""
+    """Early, clear errors: a corrupt baseline file, an unknown profile, or a data set or evaluator that cannot be
+    found stops the run once, before any measuring."""
     if any("bench" in getattr(item, "fixturenames", ()) for item in items) and not hasattr(config, "_fastdit_bench"):
         from ..baselines import BaselineError
         try:
             config._fastdit_bench = Bench(config)
-        except BaselineError as err:
-            raise pytest.UsageError(str(err)) from None
+        except (BaselineError, SetupError) as err:
+            if not hasattr(config, "workeroutput"):
+                raise pytest.UsageError(str(err)) from None
+            # An xdist worker: a UsageError here is an INTERNALERROR on the controller. Run nothing, and hand the
+            # message to the controller, which prints it once (every worker finds the same).
+            config._fastdit_setup_error = str(err)
+            config.hook.pytest_deselected(items=list(items))
+            items[:] = []
+            return
     if config.getoption("fastdit_tier") != "full":
         keep = [i for i in items if not i.get_closest_marker("bench_full")]
         if len(keep) != len(items):
             config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("bench_full")])
             items[:] = keep
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    if hasattr(config, "workeroutput") and getattr(config, "_fastdit_setup_error", None):
+        config.workeroutput["fastdit_setup_error"] = config._fastdit_setup_error
+    if getattr(config, "_fastdit_setup_errors", None):
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: collect a worker's session-start error (see pytest_collection_modifyitems)."""
+    message = getattr(node, "workeroutput", {}).get("fastdit_setup_error")
+    if message:
+        errors = node.config.__dict__.setdefault("_fastdit_setup_errors", [])
+        if message not in errors:
+            errors.append(message)
 
 
 def pytest_generate_tests(metafunc):
@@ -128,9 +220,12 @@ def _parametrized(metafunc, name):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for message in getattr(config, "_fastdit_setup_errors", ()):
+        terminalreporter.write_line(f"ERROR: {message}", red=True, bold=True)
     records = getattr(config, "_fastdit_records", [])
+    trained = getattr(config, "_fastdit_trained", [])
     if not records:
-        return
+        return  # not a bench run
     from .report import summary_rows, write_report
     tr = terminalreporter
     tr.section("fastdit gate")
@@ -144,16 +239,46 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             counts[m["outcome"]] = counts.get(m["outcome"], 0) + 1
     tr.write_line("")
     tr.write_line("verdicts: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    record = "`pytest bench --update-baselines --baseline-reason \"...\"`"
     if counts.get(IMPROVED):
-        tr.write_line("improvements: review them, then record with "
-                      "`pytest bench --update-baselines --baseline-reason \"...\"`")
+        tr.write_line(f"improvements: review them, then record with {record}")
     if counts.get(NO_BASELINE):
-        tr.write_line("metrics without a baseline for this profile/machine are not gated: record them with "
-                      "`pytest bench --update-baselines --baseline-reason \"...\"`")
+        tr.write_line(f"no baseline: {counts[NO_BASELINE]} metrics have none for this profile; record them with {record}")
+    if counts.get(ELSEWHERE):
+        _not_gated_here(tr, records, record)
     if counts.get(UNSTABLE):
         tr.write_line("unstable: the spread was too large to judge (busy machine?); not gated")
+    _training_summary(tr, trained)
     report_dir = config.getoption("fastdit_bench_report")
     if report_dir:
         paths = write_report(records, Path(report_dir))
         tr.write_line("report: " + ", ".join(str(p) for p in paths))
 
+
+def _not_gated_here(tr, records, record):
+    """One line per scope for the metrics whose baselines were recorded on a runner their scope does not cover."""
+    by_scope = {}
+    for rec in records:
+        for m in rec["metrics"]:
+            if m["outcome"] == ELSEWHERE:
+                by_scope.setdefault(m.get("scope", "any"), []).append(m.get("recorded_on"))
+    here = recorded_on(records[0]["machine"])
+    tr.write_line(f"not gated here: this runner is {here}; these metrics are reported beside their baselines:")
+    for scope, runners in by_scope.items():
+        spec = SCOPES[scope]
+        tr.write_line(f"  {len(runners)} {spec['what']} ({scope} scope: {spec['why']}), recorded on "
+                      f"{', '.join(sorted(set(filter(None, runners))))}")
+    tr.write_line(f"  to gate them on this runner, record its own baselines once on a quiet machine: {record} "
+                  "(with --baselines DIR to keep them apart from the committed ones)")
+
+
+def _training_summary(tr, trained):
+    from ..files import cache_root
+    cache = cache_root()
+    if not trained:
+        tr.write_line(f"training: none (models came from the committed zoo or the cache in {cache})")
+        return
+    total = sum(t["seconds"] for t in trained)
+    each = ", ".join(f"{t['label']} {t['seconds']:.0f} s" for t in trained)
+    tr.write_line(f"training: {len(trained)} models in {total:.0f} s ({each}); cached in {cache} "
+                  "($FASTDIT_CACHE moves it), so a warm run trains none")

