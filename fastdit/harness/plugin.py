@@ -44,6 +44,10 @@ def pytest_addoption(parser):
     g.addoption("--gate-efficiency", dest="fastdit_gate_efficiency", action="store_true",
                 help="also fail on efficiency (FLOP/s over the matmul yardstick) regressions; off by default because "
                      "it drifts by up to 13-26%% between runs on a shared CPU; use it on a dedicated runner")
+    g.addoption("--gate-times", dest="fastdit_gate_times", action="store_true",
+                help="also fail on absolute-time regressions (forward ms, sampling images/s) against baselines this very "
+                     "machine recorded; off by default: unchanged code read up to +55%% on a quiet machine "
+                     "with the recording fingerprint; use it on a dedicated runner")
     g.addoption("--rounds", dest="fastdit_rounds", type=int, default=None, metavar="R",
                 help="timed rounds per speed measurement (default: per test)")
 
@@ -248,6 +252,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         _not_gated_here(tr, records, record)
     if counts.get(UNSTABLE):
         tr.write_line("unstable: the spread was too large to judge (busy machine?); not gated")
+    if counts.get("reported"):
+        tr.write_line(f"reported: {counts['reported']} metrics moved past their rule but are not gated by default "
+                      "(efficiencies: --gate-efficiency; absolute times: --gate-times, both on a dedicated runner)")
     _training_summary(tr, trained)
     report_dir = config.getoption("fastdit_bench_report")
     if report_dir:

@@ -68,6 +68,7 @@ class Bench:
         self.rounds = opt("fastdit_rounds")
         self.calibration_seeds = opt("fastdit_calibration_seeds")
         self.gate_efficiency = opt("fastdit_gate_efficiency")
+        self.gate_times = opt("fastdit_gate_times")
         self.workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
         self.machine = dict(cost.describe_device(device), workers=self.workers)
         root = Path(opt("fastdit_baselines") or Path(config.rootpath) / "baselines")
@@ -169,7 +170,7 @@ class Bench:
         protocol = dict(protocol, batch_size=batch_size, threads=self._threads(threads) or torch.get_num_threads())
         return [Measurement("sampling_images_per_s", r["images_per_s"], "images/s", "higher",
                             dict(DEFAULT_RULES["time"]), protocol, noise=batch_size * t.iqr_s / t.median_s ** 2,
-                            scope="machine", extra=dict(timing=t.samples))]
+                            scope="machine", extra=dict(timing=t.samples, gated=self.gate_times))]
 
     def quality(self, model, protocol):
         """FID, sFID, KID, precision and recall of the profile's N samples (seed 0) against the reference set.
@@ -232,7 +233,7 @@ class Bench:
                                                                         ratio["ci_high"] * scale),
                             scope="hardware", extra=dict(timing=t.samples, flops=flops, gated=self.gate_efficiency)),
                 Measurement(f"{name}_ms", t.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
-                            noise=t.iqr_s * 1e3, scope="machine")]
+                            noise=t.iqr_s * 1e3, scope="machine", extra=dict(gated=self.gate_times))]
 
     def speedup(self, reference, candidate, protocol, batch_size=1, rounds=15, threads=1, name="forward"):
         """Speed of `candidate` over `reference` (same inputs, interleaved, one process): the ratio that is gated,
@@ -250,7 +251,7 @@ class Bench:
                             ci=(s["ci_low"], s["ci_high"]), p_value=s["p_value"], scope="hardware",
                             extra=dict(timing=c.samples, reference_timing=timings["reference"].samples)),
                 Measurement(f"{name}_ms", c.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
-                            noise=c.iqr_s * 1e3, scope="machine")]
+                            noise=c.iqr_s * 1e3, scope="machine", extra=dict(gated=self.gate_times))]
 
     def _threads(self, threads):
         return threads if self.machine["device"] == "cpu" else None
