@@ -169,11 +169,13 @@ def test_scaling(bench, request, name):
            Measurement("reference_time_exponent", exponents["mha"], "", "higher", relative, protocol,
                        scope="hardware", extra=dict(gated=False)),
            # A ratio of a bandwidth-bound O(T^2) op to a linear one: it moves with the memory system and with what
-           # shares it (12% lower under `pytest -n 2` than alone), so it is gated on the same hardware, at 25%.
-           # Losing the linear scaling would move it by far more; the 2x acceptance bar is asserted below.
+           # shares it. Focused MQA read 15.1-15.6x in three quiet runs of one session and 9.6-12.5x in seven of a
+           # later one on the same fingerprint (once 25% below its baseline, significant), so it is reported, not
+           # gated. Losing the linear scaling would take it to ~1x: the 2x acceptance bar is asserted below.
            Measurement(f"speedup_at_{TOKENS[-1]}", at_max["ratio"], "x", "higher", SPEEDUP_AT_MAX_RULE,
                        protocol, scope="hardware", ci=(at_max["ci_low"], at_max["ci_high"]), p_value=at_max["p_value"],
-                       extra=dict(timing=times[name][-1].samples, reference_timing=times["mha"][-1].samples))]
+                       extra=dict(timing=times[name][-1].samples, reference_timing=times["mha"][-1].samples,
+                                  gated=False))]
     # Peak memory is an allocator count, not a timing: it repeats exactly on one kernel set, so it is gated at the
     # memory rule. On CPU every layer's peak at 4,096 tokens was byte-identical under torch's default and AVX2
     # kernels (softmax 10,485,760 B, focused MQA 12,652,544 B), so it gates on any CPU with the same torch; on a GPU
