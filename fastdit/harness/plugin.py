@@ -88,7 +88,7 @@ class _TrainingLog:
         self.config = config
         self.worker = hasattr(config, "workeroutput")
         self.pending = []  # finished trainings not yet attached to a report
-        self.started = self.last = None
+        self.started = self.last = self.first = None
         from ..zoo import TRAINING_OBSERVERS
         TRAINING_OBSERVERS.append(self.observe)
 
