@@ -70,7 +70,7 @@ def _architecture(bench, variant, setting):
     """The converted architecture without training: what cost and dense speed depend on."""
     reference = bench.reference_model(variant).eval()
     _skip_unless_fits(setting, variant, reference)
-    return reference, dataclasses.replace(setting, init="convert", steps=0).apply(reference, bench.context(variant))
+    return reference, bench.apply(reference, dataclasses.replace(setting, init="convert", steps=0), variant)
 
 
 def test_quality(bench, request, variant, setting):

@@ -153,7 +153,7 @@ def test_moe_ablation(bench, request, setting):
 
 def _paper_model(bench, name):
     variant, setting, _, _ = PAPER[name]
-    return setting.apply(bench.paper_model(variant), bench.context(variant)).eval()
+    return bench.apply(bench.paper_model(variant), setting, variant).eval()
 
 
 @pytest.mark.parametrize("name", PAPER_ROWS)

@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdit.harness.gate import DEFAULT_RULES, Measurement, memory_scope
+from fastdit.harness.gate import DEFAULT_RULES, Measurement
 from fastdit.metrics import cost
 from fastdit.metrics.flops import example_inputs
 from fastdit.techniques import quantization as q
@@ -68,15 +68,6 @@ def _size(model, reference, protocol, setting):
                    Measurement("size_ratio", round(ratio, 6), "of fp32", "lower", exact, protocol)]
 
 
-def _peak(model, protocol, batch_size, device):
-    x, t, y = example_inputs(q.unwrap(model), batch_size, device)
-    with torch.inference_mode():
-        model(x, t, y)  # a compiled model compiles on its first call: keep that out of the peak
-        peak = cost.peak_memory_bytes(lambda: model(x, t, y), device)
-    return Measurement("peak_memory_bytes", peak, "B", "lower", dict(DEFAULT_RULES["memory"]),
-                       dict(protocol, batch_size=batch_size), scope=memory_scope(torch.device(device).type))
-
-
 # ------------------------------------------------------------------------------------------------- paper scale
 
 def test_paper_scale(bench, request, setting):
@@ -89,7 +80,7 @@ def test_paper_scale(bench, request, setting):
     if setting.layers == "all":
         low, high = SIZE_RATIO[q.BITS[setting.scheme]]
         assert low <= ratio <= high, f"size ratio {ratio:.4f} outside [{low}, {high}] for {setting.scheme}"
-    measurements.append(_peak(model, protocol, PAPER_BATCH, bench.device))
+    measurements.append(bench.peak_memory(model, protocol, PAPER_BATCH))
     # torchao's CPU int8 GEMM takes ~30 s per S/2 forward at batch 8: three rounds show a 20x slowdown well enough.
     rounds = 3 if setting.scheme == "int8-dynamic" and bench.device == "cpu" else PAPER_ROUNDS
     measurements += bench.speedup(_prepared(reference, setting), model, protocol, batch_size=PAPER_BATCH,
@@ -113,7 +104,7 @@ def test_zoo(bench, request, variant, setting):
     _, measurements = _size(model, reference, protocol, setting)
     measurements.append(Measurement("output_rel_error", round(error, 6), "", "lower",
                                     {"kind": "relative", "tolerance": 0.25}, protocol))
-    measurements.append(_peak(model, protocol, batch, bench.device))
+    measurements.append(bench.peak_memory(model, protocol, batch))
     measurements += bench.speedup(_prepared(reference, setting), model, protocol, batch_size=batch)
     info = {}
     if not setting.compile and not (setting.scheme == "int8-dynamic" and bench.device == "cpu"):

@@ -48,8 +48,8 @@ def test_paper_forward(bench, request, name, benchmark):
     benchmark.extra_info.update(variant=name, gmacs=PAPER[name]["gmacs"],
                                 paper_forwards_per_s=PAPER[name]["batch1_forwards_per_s"])
     flops = 2e9 * count_gmacs(model)
-    bench.check(request, bench.efficiency(lambda: model(x, t, y), flops, bench.protocol(name, scale="paper",
-                                                                                         batch_size=1)))
+    bench.check(request, bench.efficiency(model, dict(call="forward", batch_size=1), flops,
+                                          bench.protocol(name, scale="paper", batch_size=1)))
 
 
 @pytest.mark.parametrize("part", ["attention", "mlp"])
@@ -57,11 +57,8 @@ def test_paper_block_parts(bench, request, part):
     """One block's attention and MLP of DiT-S/2 (256 tokens, width 384), each timed against the yardstick: a
     slowdown inside one sub-layer shows here at full size instead of diluted in the whole forward."""
     model = bench.paper_model("DiT-S/2")
-    block = model.blocks[0]
-    module = block.attn if part == "attention" else block.mlp
-    tokens = torch.randn(model.pos_embed.shape, generator=torch.Generator().manual_seed(0)).to(bench.device)
     flops = 2e9 * gmacs_breakdown(model)[part] / len(model.blocks)
-    bench.check(request, bench.efficiency(lambda: module(tokens), flops,
+    bench.check(request, bench.efficiency(model, dict(call="block", part=part), flops,
                                           bench.protocol("DiT-S/2", scale="paper", part=part, batch_size=1),
                                           name=part, rounds=30))
 
@@ -85,11 +82,9 @@ def test_speed(bench, request, variant):
     """The forward at the profile's largest throughput batch against the yardstick, and full-chain sampling."""
     model = bench.reference_model(variant)
     batch = bench.profile.throughput_batch_sizes[-1]
-    x, t, y = example_inputs(model, batch, bench.device)
     flops = 2e9 * count_gmacs(model) * batch
     protocol = bench.protocol(variant, batch_size=batch)
-    with torch.inference_mode():
-        measurements = bench.efficiency(lambda: model(x, t, y), flops, protocol)
+    measurements = bench.efficiency(model, dict(call="forward", batch_size=batch), flops, protocol)
     bench.check(request, measurements + bench.sampling_speed(model, protocol))
 
 

@@ -371,7 +371,8 @@ def check_dataset(name, image_size, resize="resize"):
     FileNotFoundError / ValueError saying what was looked for and how to fix it. Returns the data set."""
     if name == "latents":
         raise ValueError("this profile trains on your own VAE latents, and none were named: pass --dataset "
-                         "latents:FILE.npz (write one with `fastdit encode --dataset folder:DIR --vae VAE --out FILE.npz`)")
+                         "latents:FILE.npz (write one with "
+                         "`fastdit encode --dataset folder:DIR --vae VAE --out FILE.npz`)")
     data = load_dataset(name, "train")
     if hasattr(data, "latents"):
         n, c, h, w = data.latents.shape

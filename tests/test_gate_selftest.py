@@ -6,6 +6,13 @@ chosen by FASTDIT_PLANT, before anything is imported by the tests:
     slow-attention     every attention forward takes 20% longer (busy-wait after the real work)
     skip-last-step     the DDIM sampler stops one step early and returns x_1 instead of x_0
     extra-block        the zoo model silently grows by one transformer block
+    slow-forward:P     every DiT forward takes P% longer
+    slow-pruned-attention:P   the pruned attention's forward (one technique's code) takes P% longer
+    grow-memory:F      every DiT forward holds F x (batch, tokens, width) floats more through its peak
+    new-technique      the head registers a technique the base does not have
+
+The plants live in the head's process only: against the base (--compare-to-path this checkout), whose worker
+imports the unplanted fastdit, they are changes of the head's code.
 
 Baselines are first recorded by an unplanted run in the same scratch directory, and an unchanged second run must
 pass: that is the false-alarm half of the test.
@@ -63,6 +70,53 @@ if PLANT == "skip-last-step":
         except _Stop as stop:
             return stop.x
     GaussianDiffusion._model_eval, GaussianDiffusion.ddim_sample = model_eval, ddim_sample
+
+def _busy(fn, extra):
+    """fn, taking `extra` (a fraction) longer: a busy-wait after the real work, as slower code would."""
+    def slow(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        spent = time.perf_counter() - start
+        while time.perf_counter() - start < (1 + extra) * spent:
+            pass
+        return out
+    return slow
+
+kind, _, amount = PLANT.partition(":")
+if kind == "slow-forward":  # every DiT forward, by `amount` percent
+    from fastdit.models.dit import DiT
+    DiT.forward = _busy(DiT.forward, float(amount) / 100)
+
+if kind == "slow-pruned-attention":  # only the pruned attention's forward (one technique's code path)
+    from fastdit.techniques.pruning import PrunedAttention
+    PrunedAttention.forward = _busy(PrunedAttention.forward, float(amount) / 100)
+
+if kind == "grow-memory":  # every DiT forward holds `amount` x (batch, tokens, width) floats more at its peak
+    import torch
+    from fastdit.models.dit import DiT
+    forward = DiT.forward
+
+    def hungry(self, x, t, y):
+        batch, tokens, width = x.shape[0], *self.pos_embed.shape[1:]
+        hold = torch.ones(int(float(amount) * batch * tokens * width), device=x.device)
+        out = forward(self, x, t, y)
+        del hold
+        return out
+    DiT.forward = hungry
+
+if PLANT == "new-technique":  # a technique the base does not have
+    from dataclasses import dataclass
+
+    from fastdit.techniques import Technique, register_technique
+
+    @register_technique
+    @dataclass(frozen=True)
+    class HalfDepth(Technique):
+        name = "selftest-half-depth"
+
+        def apply(self, model, context=None):
+            del model.blocks[len(model.blocks) // 2:]
+            return model
 
 if PLANT == "extra-block":
     from fastdit.harness.session import Bench
@@ -206,3 +260,45 @@ def test_another_runner_passes_unchanged_code_and_still_gates_what_is_determinis
     grown = run(project, monkeypatch, "extra-block", "test_cost")
     grown.assert_outcomes(failed=1)
     grown.stdout.fnmatch_lines(["*params: regressed: changed from *"])
+
+
+NEW_TECHNIQUE_BENCH = """
+from fastdit.techniques import TECHNIQUES
+
+
+def test_new_technique(bench, request):
+    reference = bench.paper_model("DiT-XS/4")
+    setting = TECHNIQUES["selftest-half-depth"]()
+    model = bench.apply(bench.paper_model("DiT-XS/4"), setting, "DiT-XS/4")
+    bench.check(request, bench.speedup(reference, model, bench.protocol("DiT-XS/4", setting, scale="paper"),
+                                       rounds=5))
+"""
+
+
+def test_against_the_base_planted_slowdowns_and_memory_growth_fail_and_unchanged_code_passes(project, monkeypatch):
+    """--compare-to-path: the base is this checkout, unplanted, in its worker process; the head carries the plant.
+    Unchanged code passes with a vs base column; a slower forward or a hungrier forward fails against the base even
+    though no stored baseline exists for these rows; a technique the base lacks is new in head, not a failure."""
+    # The = form: a separate path argument would count in pytest's rootdir search, which runs before plugins load.
+    base = [f"--compare-to-path={ROOT}"]
+    forward, memory = "test_paper_forward and XS/4", "test_cost"
+    same = run(project, monkeypatch, "", f"{forward} or {memory}", *base)
+    out = same.stdout.str()
+    same.assert_outcomes(passed=2)
+    assert "regressed" not in out, out
+    same.stdout.fnmatch_lines(["*test_cost[[]DiT-mS/4[]]*peak_memory_bytes*1.000x passed*",
+                               "*test_paper_forward[[]DiT-XS/4[]]*forward_ms*x [[]*[]] *"])
+
+    slow = run(project, monkeypatch, "slow-forward:40", forward, *base)
+    slow.assert_outcomes(failed=1)
+    slow.stdout.fnmatch_lines(["*forward_ms: regressed against the base (*): *x base time*measured again: *"])
+
+    hungry = run(project, monkeypatch, "grow-memory:2", memory, *base)
+    hungry.assert_outcomes(failed=1)
+    hungry.stdout.fnmatch_lines(["*peak_memory_bytes: regressed against the base (*): *x base peak*"])
+
+    (project.path / "bench" / "test_new.py").write_text(NEW_TECHNIQUE_BENCH)
+    new = run(project, monkeypatch, "new-technique", "test_new_technique", *base)
+    new.assert_outcomes(skipped=1)  # nothing to judge it by yet: no stored baseline, no base
+    new.stdout.fnmatch_lines(["*test_new_technique*forward_ms*new in head*"])
+    assert "Traceback" not in new.stdout.str()

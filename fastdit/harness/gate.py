@@ -26,6 +26,8 @@ PASSED, IMPROVED, REGRESSED = "passed", "improved", "regressed"
 NO_BASELINE, MISMATCH, UNSTABLE, RECORDED = "no baseline", "protocol mismatch", "unstable", "recorded"
 ELSEWHERE = "not gated here"  # a baseline exists, recorded on a runner its scope does not cover: reported only
 FAILING = {REGRESSED, MISMATCH}
+# Against the base revision (--compare-to) only: what the head measures that the base does not have or cannot build.
+NEW_IN_HEAD, BASE_CANNOT_BUILD = "new in head", "base cannot build"
 
 DEFAULT_RULES = {
     "exact": {"kind": "exact"},
@@ -75,6 +77,7 @@ class Verdict:
     detail: str
     scope: str = "any"
     recorded_on: str | None = None  # ELSEWHERE: the runner that recorded the baseline
+    base: dict | None = None        # --compare-to: the BaseVerdict against the base revision, as a dict
 
     @property
     def failed(self):
@@ -167,6 +170,79 @@ def _judge_ratio(verdict, m, base, direction, rule):
                            "or not significant")
 
 
+# Head against the base revision, measured in the same job (--compare-to): the rules, with the measurements that set
+# them. Times are paired by round (head and base in turns, cost.time_interleaved); the verdict reads the head/base
+# ratio of each round.
+BASE_RULES = {
+    # regressed: the median paired ratio is more than `threshold` slower AND a one-sided Wilcoxon signed-rank test on
+    # the log ratios gives p < alpha; then the pair is measured again and fails only if that agrees too.
+    "time": {"threshold": 0.07, "alpha": 0.01, "max_ci_width": 0.10},
+    # Peak memory of the same forward on the same machine: CPU peaks are allocator counts, byte-identical for
+    # identical code.
+    "memory": {"tolerance": 0.03},
+}
+
+
+@dataclass
+class BaseVerdict:
+    """Head against base for one metric: the head/base ratio (of times, or of bytes) and its evidence."""
+    outcome: str
+    ratio: float | None = None
+    ci: tuple | None = None
+    p_value: float | None = None
+    detail: str = ""
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def judge_time_against_base(head, base, rule=None, n_boot=2000, seed=0):
+    """Head and base seconds, paired by round -> BaseVerdict on the head/base time ratio (> 1: head is slower)."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+    rule = rule or BASE_RULES["time"]
+    log_ratio = np.log(np.asarray(head, dtype=float)) - np.log(np.asarray(base, dtype=float))
+    ratio = float(np.exp(np.median(log_ratio)))
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(log_ratio, size=(n_boot, len(log_ratio))), axis=1)
+    low, high = (float(v) for v in np.exp(np.percentile(boot, [2.5, 97.5])))
+    slower = float(wilcoxon(log_ratio, alternative="greater").pvalue) if np.any(log_ratio) else 1.0
+    faster = float(wilcoxon(log_ratio, alternative="less").pvalue) if np.any(log_ratio) else 1.0
+    evidence = f"{ratio:.3f}x base time, 95% CI [{low:.3f}, {high:.3f}], {len(log_ratio)} paired rounds"
+    threshold, alpha = rule["threshold"], rule["alpha"]
+    if ratio > 1 + threshold and slower < alpha:
+        return BaseVerdict(REGRESSED, ratio, (low, high), slower,
+                           f"{evidence}: slower than base by more than {threshold:.0%} (Wilcoxon p {slower:.2g})")
+    if ratio < 1 / (1 + threshold) and faster < alpha:
+        return BaseVerdict(IMPROVED, ratio, (low, high), faster, f"{evidence}: faster than base (p {faster:.2g})")
+    if (high - low) / ratio > rule["max_ci_width"]:
+        return BaseVerdict(UNSTABLE, ratio, (low, high), slower, f"{evidence}: too noisy to judge here now")
+    return BaseVerdict(PASSED, ratio, (low, high), slower, f"{evidence}: within {threshold:.0%} or not significant")
+
+
+def judge_memory_against_base(head, base, rule=None):
+    """Head and base peak bytes of the same call on the same machine -> BaseVerdict on head/base."""
+    rule = rule or BASE_RULES["memory"]
+    ratio = head / base if base else (1.0 if head == base else math.inf)
+    evidence = f"{ratio:.3f}x base peak ({head:,} vs {base:,} B)"
+    if ratio > 1 + rule["tolerance"]:
+        return BaseVerdict(REGRESSED, ratio, detail=f"{evidence}: more than {rule['tolerance']:.0%} above base")
+    if ratio < 1 - rule["tolerance"]:
+        return BaseVerdict(IMPROVED, ratio, detail=f"{evidence}: below base by more than {rule['tolerance']:.0%}")
+    return BaseVerdict(PASSED, ratio, detail=f"{evidence}: within {rule['tolerance']:.0%}")
+
+
+def confirm(first, second):
+    """A regression against base stands only if a second, independent measurement of the pair agrees."""
+    if first.outcome != REGRESSED:
+        return first
+    if second.outcome == REGRESSED:
+        return BaseVerdict(REGRESSED, second.ratio, second.ci, second.p_value,
+                           f"{first.detail}; measured again: {second.detail}")
+    return BaseVerdict(PASSED, second.ratio, second.ci, second.p_value,
+                       f"measured again: {second.detail} (the first measurement read {first.ratio:.3f}x)")
+
+
 def protocol_difference(stored, now):
     """'' when the protocols agree, else a sentence naming the first field that differs."""
     for key in sorted(set(stored) | set(now)):
@@ -208,7 +284,8 @@ SCOPES = {
         fields=("device", "name", "threads", "workers", "torch", "cuda", "capability"),
         what="absolute times",
         # They moved by up to 27 % between two quiet runs on one machine, 18-80 % against baselines of the
-        # same fingerprint recorded in an earlier session, and 2-3x under load; even here they fail a run only with --gate-times (DEFAULT_RULES).
+        # same fingerprint recorded in an earlier session, and 2-3x under load; even here they fail a run only
+        # with --gate-times (DEFAULT_RULES).
         why="absolute times hold only on an identical machine"),
 }
 SCOPE_FIELDS = {scope: spec["fields"] for scope, spec in SCOPES.items()}

@@ -45,9 +45,14 @@ def pytest_addoption(parser):
                 help="also fail on efficiency (FLOP/s over the matmul yardstick) regressions; off by default because "
                      "it drifts by up to 13-26%% between runs on a shared CPU; use it on a dedicated runner")
     g.addoption("--gate-times", dest="fastdit_gate_times", action="store_true",
-                help="also fail on absolute-time regressions (forward ms, sampling images/s) against baselines this very "
-                     "machine recorded; off by default: unchanged code read up to +55%% on a quiet machine "
+                help="also fail on absolute-time regressions (forward ms, sampling images/s) against baselines "
+                     "this very machine recorded; off by default: unchanged code read up to +55%% on a quiet machine "
                      "with the recording fingerprint; use it on a dedicated runner")
+    g.addoption("--compare-to", dest="fastdit_compare_to", default=None, metavar="REV",
+                help="also measure every speed and memory row with the code of git revision REV (origin/main, a SHA, "
+                     "HEAD~1), in turns with this checkout's, and judge speed and memory against it")
+    g.addoption("--compare-to-path", dest="fastdit_compare_to_path", default=None, metavar="DIR",
+                help="like --compare-to, with a base tree already checked out in DIR")
     g.addoption("--rounds", dest="fastdit_rounds", type=int, default=None, metavar="R",
                 help="timed rounds per speed measurement (default: per test)")
 
@@ -59,9 +64,55 @@ def pytest_configure(config):
     if config.getoption("fastdit_calibration_seeds") < 1:
         raise pytest.UsageError("--calibration-seeds must be at least 1 (2 or more to measure a spread)")
     config._fastdit_records = []
+    _configure_base(config)
     config._fastdit_trained = []
     config.pluginmanager.register(_Collector(config), "fastdit-collector")
     config.pluginmanager.register(_TrainingLog(config), "fastdit-training")
+
+
+def _configure_base(config):
+    """--compare-to / --compare-to-path: the base tree, checked out once (on the xdist controller) and shared."""
+    from . import compare
+    rev, path = config.getoption("fastdit_compare_to"), config.getoption("fastdit_compare_to_path")
+    if hasattr(config, "workerinput"):
+        config._fastdit_base = config.workerinput.get("fastdit_base")
+        return
+    if rev and path:
+        raise pytest.UsageError("give --compare-to REV or --compare-to-path DIR, not both")
+    if not (rev or path):
+        return
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix="fastdit-compare-")
+    try:
+        if rev:
+            root, sha = compare.checkout(config.rootpath, rev)
+            label = f"{rev} ({sha[:10]})" if not sha.startswith(rev) else sha[:10]
+        else:
+            root, label = compare.check_tree(Path(path).resolve()), str(Path(path).resolve())
+    except compare.CompareError as err:
+        raise pytest.UsageError(str(err)) from None
+    config._fastdit_base = dict(root=str(root), label=label, scratch=scratch, checkout=bool(rev))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist controller: every worker compares against the one base tree the controller checked out."""
+    base = getattr(node.config, "_fastdit_base", None)
+    if base:
+        node.workerinput["fastdit_base"] = base
+
+
+def pytest_unconfigure(config):
+    bench = getattr(config, "_fastdit_bench", None)
+    if bench is not None and bench.base is not None:
+        bench.base.close()
+    base = getattr(config, "_fastdit_base", None)
+    if base and not hasattr(config, "workerinput"):
+        import shutil
+        from . import compare
+        if base["checkout"]:
+            compare.remove_checkout(config.rootpath, base["root"])
+        shutil.rmtree(base["scratch"], ignore_errors=True)
 
 
 class _Collector:
@@ -247,7 +298,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if counts.get(IMPROVED):
         tr.write_line(f"improvements: review them, then record with {record}")
     if counts.get(NO_BASELINE):
-        tr.write_line(f"no baseline: {counts[NO_BASELINE]} metrics have none for this profile; record them with {record}")
+        tr.write_line(f"no baseline: {counts[NO_BASELINE]} metrics have none for this profile; "
+                      f"record them with {record}")
     if counts.get(ELSEWHERE):
         _not_gated_here(tr, records, record)
     if counts.get(UNSTABLE):
@@ -255,6 +307,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if counts.get("reported"):
         tr.write_line(f"reported: {counts['reported']} metrics moved past their rule but are not gated by default "
                       "(efficiencies: --gate-efficiency; absolute times: --gate-times, both on a dedicated runner)")
+    _base_summary(tr, config, records)
     _training_summary(tr, trained)
     report_dir = config.getoption("fastdit_bench_report")
     if report_dir:
@@ -277,6 +330,25 @@ def _not_gated_here(tr, records, record):
                       f"{', '.join(sorted(set(filter(None, runners))))}")
     tr.write_line(f"  to gate them on this runner, record its own baselines once on a quiet machine: {record} "
                   "(with --baselines DIR to keep them apart from the committed ones)")
+
+
+def _base_summary(tr, config, records):
+    """One line for the comparison against the base revision: what was compared and how it came out."""
+    base = getattr(config, "_fastdit_base", None)
+    if not base:
+        return
+    outcomes = {}
+    for rec in records:
+        for m in rec["metrics"]:
+            if m.get("base"):
+                outcomes[m["base"]["outcome"]] = outcomes.get(m["base"]["outcome"], 0) + 1
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "nothing measured"
+    tr.write_line(f"against the base {base['label']}: {counts} (speed and memory, head and base measured in turns "
+                  "in this run; counts and quality against the stored baselines)")
+    for rec in records:
+        for m in rec["metrics"]:
+            if (m.get("base") or {}).get("outcome") == "base cannot build":
+                tr.write_line(f"  base cannot build {rec['test']} {m['metric']}: {m['base']['detail']}")
 
 
 def _training_summary(tr, trained):

@@ -44,14 +44,27 @@ def _num(v):
 
 
 def summary_rows(records):
-    """The end-of-run table: one row per (test, metric)."""
-    rows = [("test", "metric", "baseline", "now", "delta", "verdict")]
+    """The end-of-run table: one row per (test, metric), with a "vs base" column when the run compared against a
+    base revision (--compare-to)."""
+    compared = any(m.get("base") for rec in records for m in rec["metrics"])
+    rows = [("test", "metric", "baseline", "now", "delta", "verdict") + (("vs base",) if compared else ())]
     for rec in sorted(records, key=lambda r: r["test"]):
         for m in rec["metrics"]:
             delta = m.get("delta")
-            rows.append((_short(rec["test"]), m["metric"], _num(m.get("baseline")), _num(m["value"]),
-                         "-" if delta is None else f"{delta:+.4g}", m["outcome"]))
+            row = (_short(rec["test"]), m["metric"], _num(m.get("baseline")), _num(m["value"]),
+                   "-" if delta is None else f"{delta:+.4g}", m["outcome"])
+            rows.append(row + ((vs_base(m.get("base")),) if compared else ()))
     return rows
+
+
+def vs_base(base):
+    """'1.012x [0.998, 1.027] passed' (head/base time or peak ratio, its 95% CI, the verdict); '-' if not compared."""
+    if not base:
+        return "-"
+    if base.get("ratio") is None:
+        return base["outcome"]
+    ci = f" [{base['ci'][0]:.3f}, {base['ci'][1]:.3f}]" if base.get("ci") else ""
+    return f"{base['ratio']:.3f}x{ci} {base['outcome']}"
 
 
 def rows_by_model(records):
@@ -122,8 +135,16 @@ def markdown(records, source=None):
         lines.append("")
     if source:
         return "\n".join(lines)
-    lines += ["## Verdicts", "", "| test | metric | baseline | now | delta | verdict |", "|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in summary_rows(records)[1:]]
+    table = summary_rows(records)
+    lines += ["## Verdicts", "", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    details = [(_short(rec["test"]), m["metric"], m["base"]) for rec in sorted(records, key=lambda r: r["test"])
+               for m in rec["metrics"] if m.get("base")]
+    if details:
+        lines += ["", "## Against the base revision", "",
+                  "Head and base measured in turns in this run; the ratio is head over base (> 1: the head is "
+                  "slower or uses more memory).", "", "| test | metric | verdict | evidence |", "|---|---|---|---|"]
+        lines += [f"| {test} | {metric} | {b['outcome']} | {b['detail']} |" for test, metric, b in details]
     return "\n".join(lines) + "\n"
 
 
@@ -218,28 +239,36 @@ def benchmark_json(records):
     """Timings in pytest-benchmark's --benchmark-json layout (stats computed by pytest-benchmark's own Stats)."""
     import pytest_benchmark
     from pytest_benchmark.plugin import pytest_benchmark_generate_machine_info
-    from pytest_benchmark.stats import Stats
     from pytest_benchmark.utils import get_commit_info
     benchmarks = []
     for rec in sorted(records, key=lambda r: r["test"]):
         for m in rec["metrics"]:
-            if not m.get("timing"):
-                continue
-            stats = Stats()
-            for seconds in m["timing"]:
-                stats.update(seconds)
             name = rec["test"].split("::", 1)[-1]
-            benchmarks.append(dict(
-                group=m["metric"], name=f"{name}:{m['metric']}", fullname=f"{rec['test']}:{m['metric']}",
-                params=None, param=None,
-                extra_info=dict(metric=m["metric"], value=m["value"], outcome=m["outcome"], protocol=m["protocol"]),
-                options=dict(disable_gc=False, timer="perf_counter", min_rounds=len(m["timing"]), max_time=0,
-                             min_time=0, warmup=True),
-                stats=dict(stats.as_dict(), iterations=1, data=list(m["timing"]))))
+            base = m.get("base") or {}
+            if m.get("timing"):
+                benchmarks.append(_benchmark_entry(rec, m, name, m["timing"], ""))
+            if base.get("timing"):  # head and the base's build of the same call, timed in the same rounds
+                benchmarks.append(_benchmark_entry(rec, m, name, base["head_timing"], "@head"))
+                benchmarks.append(_benchmark_entry(rec, m, name, base["timing"], "@base"))
     machine = pytest_benchmark_generate_machine_info()
     machine["fastdit"] = records[0]["machine"] if records else {}
     return dict(machine_info=machine, commit_info=get_commit_info(), benchmarks=benchmarks,
                 datetime=datetime.datetime.now(datetime.timezone.utc).isoformat(), version=pytest_benchmark.__version__)
+
+
+def _benchmark_entry(rec, m, name, timing, suffix):
+    from pytest_benchmark.stats import Stats
+    stats = Stats()
+    for seconds in timing:
+        stats.update(seconds)
+    return dict(group=m["metric"], name=f"{name}:{m['metric']}{suffix}",
+                fullname=f"{rec['test']}:{m['metric']}{suffix}",
+                params=None, param=None,
+                extra_info=dict(metric=m["metric"], value=m["value"], outcome=m["outcome"], protocol=m["protocol"],
+                                vs_base=(m.get("base") or {}).get("outcome")),
+                options=dict(disable_gc=False, timer="perf_counter", min_rounds=len(timing), max_time=0,
+                             min_time=0, warmup=True),
+                stats=dict(stats.as_dict(), iterations=1, data=list(timing)))
 
 
 def write_report(records, folder, source=None):

@@ -22,10 +22,14 @@ import torch
 
 from .. import techniques
 from ..baselines import BaselineFile, device_class
-from ..metrics import cost
-from ..metrics.flops import count_params, example_inputs
+from ..metrics import cost, measure
+from ..metrics.flops import count_params
 from ..profiles import default_profile, get_profile
-from .gate import DEFAULT_RULES, ELSEWHERE, FAILING, NO_BASELINE, RECORDED, Measurement, judge, memory_scope
+from . import compare
+from .gate import (BASE_CANNOT_BUILD, DEFAULT_RULES, ELSEWHERE, FAILING, NEW_IN_HEAD, NO_BASELINE, RECORDED,
+                   REGRESSED, BaseVerdict, Measurement, confirm, judge, judge_memory_against_base,
+                   judge_time_against_base, memory_scope)
+from .worker import workload
 
 # The yardstick for machine-relative speed: a square fp32 matmul, timed interleaved with what is measured, so that
 # "efficiency" (achieved FLOP/s over the yardstick's FLOP/s) cancels the machine's clock and load of the moment.
@@ -45,6 +49,27 @@ class SetupError(Exception):
     """An input of the run (data set, evaluator, device) that is missing or unusable; the message says how to fix it."""
 
 
+ORIGIN = "fastdit_origin"  # attribute of a model the Bench built: what it is, so that the base can build the same
+
+
+def _origin(model, origin):
+    setattr(model, ORIGIN, origin)
+    return model
+
+
+class _BaseSide:
+    """The base's side of one measurement: the worker's key and timer, or why there is none (verdict)."""
+
+    def __init__(self, key=None, note="", timer=None, verdict=None, cores=None):
+        self.key, self.note, self.timer, self.verdict, self.cores = key, note, timer or {}, verdict, cores
+
+
+def _unavailable(err):
+    if err.kind == "new":
+        return BaseVerdict(NEW_IN_HEAD, detail=err.reason)
+    return BaseVerdict(BASE_CANNOT_BUILD, detail=err.reason)
+
+
 class Bench:
     def __init__(self, config):
         opt = config.getoption
@@ -57,6 +82,7 @@ class Bench:
             overrides["fid_samples"] = opt("fastdit_fid_samples")
         if opt("fastdit_dataset"):
             overrides["dataset"] = opt("fastdit_dataset")
+        self.overrides = overrides
         try:
             self.profile = get_profile(opt("fastdit_profile") or default_profile(), **overrides)
         except ValueError as err:
@@ -76,6 +102,14 @@ class Bench:
         self.stored = self.baselines.load()  # a corrupt file fails here, before anything is measured
         self._evaluator = self._reference_features = None
         self._peak = None
+        # --compare-to: the plugin checked the base tree out (once, on the xdist controller); each process runs its
+        # own worker on it.
+        base = getattr(config, "_fastdit_base", None)
+        self.base = compare.Worker(base["root"], base["label"], base["scratch"]) if base else None
+        if self.base:
+            measure.settle_heap()  # the worker does the same: both allocate like long-running processes
+        self.base_label = base["label"] if base else None
+        self._handed_over = 0
 
     def _require_inputs(self):
         """The profile's data set and evaluator, checked once at session start: a missing or unusable input is one
@@ -98,19 +132,29 @@ class Bench:
     def reference_model(self, variant):
         """A fresh copy of the trained, unoptimized zoo model (techniques may modify it in place)."""
         from ..zoo import reference_model
-        return reference_model(self.profile, variant, device=self.device, progress=False)[0]
+        model, info = reference_model(self.profile, variant, device=self.device, progress=False)
+        return _origin(model, dict(kind="checkpoint", path=str(Path(info["path"]).resolve()), variant=variant))
 
     def paper_model(self, variant, seed=0):
         """The paper-scale model (32x32x4 latents, 200 classes), seeded random weights: enough for cost metrics."""
         from ..models import create_model
         torch.manual_seed(seed)
-        return create_model(variant, input_size=32, in_channels=4, num_classes=200).to(self.device).eval()
+        kwargs = dict(input_size=32, in_channels=4, num_classes=200)
+        model = create_model(variant, **kwargs).to(self.device).eval()
+        return _origin(model, dict(kind="paper", variant=variant, seed=seed, kwargs=kwargs))
 
     def context(self, variant):
         return techniques.Context(device=self.device, profile=self.profile, variant=variant)
 
     def apply(self, model, stack, variant):
-        return techniques.apply(model, stack, self.context(variant))
+        """The techniques applied in order; the result remembers where it came from (for --compare-to)."""
+        origin = getattr(model, ORIGIN, None)
+        out = techniques.apply(model, stack, self.context(variant))
+        if origin is not None:
+            applied = [stack] if isinstance(stack, techniques.Technique) else list(stack)
+            _origin(out, dict(origin, stack=origin.get("stack", []) + [t.to_dict() for t in applied],
+                              variant=variant))
+        return out
 
     def protocol(self, variant, stack=(), scale="zoo", **fields):
         """Every field that changes a number of this test; a baseline recorded under another protocol never gates."""
@@ -156,21 +200,26 @@ class Bench:
         return images
 
     def sampling_speed(self, model, protocol, batch_size=None, rounds=3, threads=1):
-        """Images/s of the full sampling chain (the profile's sampler and steps) at the first throughput batch size
-        above 1; an absolute rate, so it is gated only on this very machine."""
-        from ..diffusion import create_diffusion
+        """Images/s of the full sampling chain (the profile's sampler and steps) at the largest throughput batch that
+        fits a sample batch; an absolute rate, so it is gated only on this very machine, or against the base."""
         p = self.profile
         batch_size = batch_size or max(b for b in p.throughput_batch_sizes if b <= p.sample_batch_size)
-        diffusion = create_diffusion(p.sampling_steps, learn_sigma=model.learn_sigma)
-        r = cost.sampling_throughput(model, diffusion, batch_size, device=self.device, sampler=p.sampler,
-                                     rounds=self._timing_rounds(rounds), threads=self._threads(threads),
-                                     cfg_scale=p.cfg_scale, guided_channels=p.guided_channels,
-                                     clip_denoised=p.clip_denoised)
-        t = r["timing"]
-        protocol = dict(protocol, batch_size=batch_size, threads=self._threads(threads) or torch.get_num_threads())
-        return [Measurement("sampling_images_per_s", r["images_per_s"], "images/s", "higher",
+        work = dict(call="sample", batch_size=batch_size, steps=p.sampling_steps,
+                    options=dict(sampler=p.sampler, cfg_scale=p.cfg_scale, guided_channels=p.guided_channels,
+                                 clip_denoised=p.clip_denoised))
+        threads = self._threads(threads)
+        base = self._base_side(model, work, threads)
+        # A paired test needs rounds to be significant at all: with 7, the smallest one-sided p is 1/128.
+        rounds = self._timing_rounds(max(rounds, 7) if base.timer else rounds)
+        fns = {"sampling": workload(model, work, self.device)}
+        timings = self._time(fns, base, rounds, threads, warmup=1)
+        t = timings["sampling"]
+        protocol = dict(protocol, batch_size=batch_size, threads=threads or torch.get_num_threads())
+        return [Measurement("sampling_images_per_s", batch_size / t.median_s, "images/s", "higher",
                             dict(DEFAULT_RULES["time"]), protocol, noise=batch_size * t.iqr_s / t.median_s ** 2,
-                            scope="machine", extra=dict(timing=t.samples, gated=self.gate_times))]
+                            scope="machine", extra=dict(timing=t.samples, gated=self.gate_times,
+                                                        base=self._against_base(base, fns, timings, rounds,
+                                                                                threads, model, work)))]
 
     def quality(self, model, protocol):
         """FID, sFID, KID, precision and recall of the profile's N samples (seed 0) against the reference set.
@@ -202,56 +251,156 @@ class Bench:
         memory of one forward at `batch_size` above the weights."""
         exact = dict(DEFAULT_RULES["exact"])
         parts = cost.gmacs_breakdown(model)
-        x, t, y = example_inputs(model, batch_size, self.device)
-        with torch.inference_mode():
-            peak = cost.peak_memory_bytes(lambda: model(x, t, y), self.device)
         out = [Measurement("params", count_params(model), "", "lower", exact, protocol),
                Measurement("size_bytes", cost.model_size_bytes(model), "B", "lower", exact, protocol)]
         out += [Measurement(f"gmacs_{k}" if k != "total" else "gmacs", round(v, 6), "GMACs", "lower", exact, protocol)
                 for k, v in parts.items()]
-        out.append(Measurement("peak_memory_bytes", peak, "B", "lower", dict(DEFAULT_RULES["memory"]),
-                               dict(protocol, batch_size=batch_size), scope=memory_scope(self.machine["device"])))
+        out.append(self.peak_memory(model, protocol, batch_size))
         return out
+
+    def peak_memory(self, model, protocol, batch_size):
+        """Peak memory of one forward at `batch_size` above the weights (after one untimed call: a compiled model
+        compiles on its first), and with --compare-to the base's peak of the same forward."""
+        work = dict(call="forward", batch_size=batch_size)
+        fn = workload(model, work, self.device)
+        fn()
+        peak = cost.peak_memory_bytes(fn, self.device)
+        base = self._base_side(model, work, None, purpose="memory")
+        verdict = base.verdict
+        if base.key:
+            try:
+                verdict = judge_memory_against_base(peak, self.base.peak(base.key))
+                if verdict.outcome == REGRESSED:
+                    fn()
+                    again = cost.peak_memory_bytes(fn, self.device)
+                    verdict = confirm(verdict, judge_memory_against_base(again, self.base.peak(base.key)))
+                verdict.detail += f" ({base.note})"
+            except compare.BaseUnavailable as err:
+                verdict = _unavailable(err)
+        return Measurement("peak_memory_bytes", peak, "B", "lower", dict(DEFAULT_RULES["memory"]),
+                           dict(protocol, batch_size=batch_size), scope=memory_scope(self.machine["device"]),
+                           extra=dict(base=verdict.as_dict() if verdict else None))
 
     def _timing_rounds(self, default):
         return self.rounds or default
 
-    def efficiency(self, fn, flops, protocol, name="forward", rounds=15, threads=1):
-        """Achieved FLOP/s of fn() as a fraction of a matmul yardstick timed interleaved with it (1 thread on CPU),
-        with a bootstrap CI; plus the absolute median time (gated only on this very machine)."""
+    def efficiency(self, model, work, flops, protocol, name="forward", rounds=15, threads=1):
+        """Achieved FLOP/s of `work` on `model` (a worker.workload: a forward, one block's sub-layer) as a fraction
+        of a matmul yardstick timed interleaved with it (1 thread on CPU), with a bootstrap CI; plus the absolute
+        median time (gated on this very machine, or against the base with --compare-to)."""
         a, b = (torch.randn(YARDSTICK, YARDSTICK, device=self.device) for _ in range(2))
         yard_flops = 2 * YARDSTICK ** 3
+        threads = self._threads(threads)
+        rounds = self._timing_rounds(rounds)
+        base = self._base_side(model, work, threads)
+        fns = {name: workload(model, work, self.device)}
         with torch.inference_mode():
-            timings = cost.time_interleaved({"yardstick": lambda: a @ b, name: fn}, device=self.device,
-                                            rounds=self._timing_rounds(rounds), threads=self._threads(threads))
+            timings = self._time(dict({"yardstick": lambda: a @ b}, **fns), base, rounds, threads)
         ratio = cost.speedup(timings["yardstick"], timings[name])      # t_yardstick / t_fn, with its CI
         scale = flops / yard_flops
         t = timings[name]
-        protocol = dict(protocol, threads=self._threads(threads) or torch.get_num_threads())
+        protocol = dict(protocol, threads=threads or torch.get_num_threads())
         return [Measurement(f"{name}_efficiency", ratio["ratio"] * scale, "of matmul", "higher",
                             dict(DEFAULT_RULES["efficiency"]), protocol, ci=(ratio["ci_low"] * scale,
                                                                         ratio["ci_high"] * scale),
                             scope="hardware", extra=dict(timing=t.samples, flops=flops, gated=self.gate_efficiency)),
                 Measurement(f"{name}_ms", t.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
-                            noise=t.iqr_s * 1e3, scope="machine", extra=dict(gated=self.gate_times))]
+                            noise=t.iqr_s * 1e3, scope="machine",
+                            extra=dict(gated=self.gate_times,
+                                       base=self._against_base(base, fns, timings, rounds, threads, model,
+                                                               work)))]
 
     def speedup(self, reference, candidate, protocol, batch_size=1, rounds=15, threads=1, name="forward"):
         """Speed of `candidate` over `reference` (same inputs, interleaved, one process): the ratio that is gated,
-        with its bootstrap CI and the Mann-Whitney p-value, and the candidate's absolute forward time."""
-        x, t, y = example_inputs(candidate, batch_size, self.device)
-        with torch.inference_mode():
-            timings = cost.time_interleaved({"reference": lambda: reference(x, t, y),
-                                             "candidate": lambda: candidate(x, t, y)},
-                                            device=self.device, rounds=self._timing_rounds(rounds),
-                                            threads=self._threads(threads))
+        with its bootstrap CI and the Mann-Whitney p-value, and the candidate's absolute forward time (with
+        --compare-to, against the base's build of the same candidate, timed in the same rounds)."""
+        work = dict(call="forward", batch_size=batch_size)
+        threads = self._threads(threads)
+        rounds = self._timing_rounds(rounds)
+        base = self._base_side(candidate, work, threads)
+        fns = {"candidate": workload(candidate, work, self.device)}
+        timings = self._time(dict({"reference": workload(reference, work, self.device)}, **fns), base, rounds, threads)
         s = cost.speedup(timings["reference"], timings["candidate"])
-        protocol = dict(protocol, batch_size=batch_size, threads=self._threads(threads) or torch.get_num_threads())
+        protocol = dict(protocol, batch_size=batch_size, threads=threads or torch.get_num_threads())
         c = timings["candidate"]
         return [Measurement(f"{name}_speedup", s["ratio"], "x", "higher", dict(DEFAULT_RULES["speed"]), protocol,
                             ci=(s["ci_low"], s["ci_high"]), p_value=s["p_value"], scope="hardware",
                             extra=dict(timing=c.samples, reference_timing=timings["reference"].samples)),
                 Measurement(f"{name}_ms", c.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
-                            noise=c.iqr_s * 1e3, scope="machine", extra=dict(gated=self.gate_times))]
+                            noise=c.iqr_s * 1e3, scope="machine",
+                            extra=dict(gated=self.gate_times,
+                                       base=self._against_base(base, fns, timings, rounds, threads, candidate,
+                                                               work)))]
+
+    # ----------------------------------------------------------------------------------------- against the base
+
+    def _base_side(self, model, work, threads, purpose="time"):
+        """The base's build of what `model` is (its origin and technique stack) running `work`: a _BaseSide with the
+        worker's timer to interleave, or the verdict that says why there is none (nothing is compared without
+        --compare-to, or for a model the Bench did not build)."""
+        origin = getattr(model, ORIGIN, None)
+        if self.base is None or origin is None:
+            return _BaseSide()
+        # On CPU both sides run on the same cores, in turns (measure.same_cores).
+        cores = measure.same_cores(threads or 1) if self.machine["device"] == "cpu" else None
+        spec = dict(origin=origin, stack=origin.get("stack", []), variant=origin["variant"], device=self.device,
+                    profile=dict(name=self.profile.name, overrides=self.overrides), work=work, threads=threads,
+                    cores=cores, state=self._hand_over(model) if origin.get("stack") else None,
+                    purpose=purpose)  # timed and profiled builds are kept apart
+        try:
+            key, note = self.base.build(spec)
+        except compare.BaseUnavailable as err:
+            return _BaseSide(verdict=_unavailable(err))
+        return _BaseSide(key=key, note=note, timer={"base": self.base.timer(key)}, cores=cores)
+
+    def _time(self, fns, base, rounds, threads, warmup=3):
+        """cost.time_interleaved of `fns` and the base's timer; if the base fails mid-way, the head's timing is taken
+        alone and the base's side says why."""
+        with torch.inference_mode(), measure.pinned(base.cores):
+            if base.timer:
+                try:
+                    return cost.time_interleaved(dict(fns, **base.timer), device=self.device, warmup=warmup,
+                                                 rounds=rounds, threads=threads)
+                except compare.BaseUnavailable as err:
+                    base.timer, base.verdict = {}, _unavailable(err)
+            return cost.time_interleaved(fns, device=self.device, warmup=warmup, rounds=rounds, threads=threads)
+
+    def _hand_over(self, model):
+        """The head's weights, for the base to load where its build of the same stack has the same state dict."""
+        self._handed_over += 1
+        path = Path(self.base.scratch) / f"state-{os.getpid()}-{self._handed_over}.pt"
+        torch.save(getattr(model, "_orig_mod", model).state_dict(), path)
+        return str(path)
+
+    def _fresh(self, model, work, threads):
+        """Both sides built anew for the second measurement of a regression: the head's model copied (new memory),
+        the base's built again in a new worker process. Unchanged code measured in two processes differs by a few
+        percent for as long as the processes live (where the weights landed in memory); a second, independent pair
+        of builds makes that a second draw instead of the same one."""
+        import copy
+        try:
+            head = copy.deepcopy(model)
+        except Exception:  # noqa: BLE001 - a model that cannot be copied is measured again as it is
+            head = model
+        self.base.restart()
+        return workload(head, work, self.device), self._base_side(head, work, threads)
+
+    def _against_base(self, base, fns, timings, rounds, threads, model, work):
+        """The verdict of the head's timing against the base's, from the same rounds; a regression is measured once
+        more (head and base alone, interleaved) and stands only if that agrees."""
+        if not base.timer:
+            return base.verdict.as_dict() if base.verdict else None
+        name = next(n for n in fns if n not in ("yardstick", "reference"))
+        verdict = judge_time_against_base(timings[name].samples, timings["base"].samples)
+        if verdict.outcome == REGRESSED:
+            head, base = self._fresh(model, work, threads)
+            if base.timer:
+                again = self._time({name: head}, base, rounds, threads)
+            if not base.timer:
+                return base.verdict.as_dict()
+            verdict = confirm(verdict, judge_time_against_base(again[name].samples, again["base"].samples))
+        verdict.detail += f" ({base.note})"
+        return dict(verdict.as_dict(), timing=timings["base"].samples, head_timing=timings[name].samples)
 
     def _threads(self, threads):
         return threads if self.machine["device"] == "cpu" else None
@@ -274,8 +423,17 @@ class Bench:
             self.stored = self.baselines.update(
                 {test_id: {m.metric: m.entry(self.machine, date, self.reason) for m in measurements}})
         verdicts = []
+        compared = any((m.extra.get("base") or {}).get("outcome") not in (None, NEW_IN_HEAD, BASE_CANNOT_BUILD)
+                       for m in measurements)
         for m in measurements:
             v = judge(m, stored.get(m.metric), self.machine)
+            v.base = m.extra.get("base")
+            if compared and m.scope != "any" and v.failed and not self.update:
+                # Speed and memory are judged against the base where this test measured it (a speed ratio between
+                # two models with it: its candidate's time is what the base comparison judged); counts and quality
+                # keep their stored baselines.
+                v.detail = f"judged against the base ({v.outcome} against the stored baseline: {v.detail})"
+                v.outcome = "reported"
             if self.update:
                 v.detail = f"recorded ({v.outcome} against the previous baseline: {v.detail})"
                 v.outcome = RECORDED
@@ -292,10 +450,14 @@ class Bench:
         # Plain JSON types only: xdist ships user_properties to the controller with execnet, which refuses anything
         # else (torch.__version__ is a str subclass, numpy scalars are not floats).
         request.node.user_properties.append((PROPERTY, json.loads(json.dumps(record, default=_plain))))
-        failed = [v for v in verdicts if v.outcome in FAILING]
+        failed = [f"{v.metric}: {v.outcome}: {v.detail}" for v in verdicts if v.outcome in FAILING]
+        failed += [f"{v.metric}: regressed against the base ({self.base_label}): {v.base['detail']}"
+                   for v in verdicts if v.base and v.base["outcome"] == REGRESSED]
         if failed:
-            pytest.fail("\n".join(f"{v.metric}: {v.outcome}: {v.detail}" for v in failed), pytrace=False)
+            pytest.fail("\n".join(failed), pytrace=False)
         # Nothing judged is not a pass. The reasons name no test, so pytest's -ra summary folds them to one line each.
+        if any(v.base and v.base["outcome"] not in (NEW_IN_HEAD, BASE_CANNOT_BUILD) for v in verdicts):
+            return verdicts  # judged against the base: never a skip
         if verdicts and all(v.outcome == NO_BASELINE for v in verdicts):
             pytest.skip(f"no baseline in {self.baselines.path}: record with "
                         f"`pytest bench --update-baselines --baseline-reason \"...\"`")

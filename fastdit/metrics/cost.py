@@ -9,33 +9,24 @@ bandwidth), so that every throughput can be read as a fraction of that limit.
 import io
 import platform
 import re
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.stats import mannwhitneyu
-from torch.profiler import ProfilerActivity, profile
 
 from .flops import analyze, example_inputs
+# The measuring primitives live in a module of their own (torch and the standard library only), so that a process
+# running another revision's code measures with exactly these; they are part of this module's API too.
+from .measure import CPU_MEMORY_DEVICES, is_cuda, num_threads, peak_memory_bytes, timed_call  # noqa: F401
 
 # A DiT block's sub-layers as fvcore's by_module names them. Anchored on `blocks.i.` because the timestep embedder
 # also has a child called `mlp` (t_embedder.mlp), which is embedding work, not a transformer MLP.
 BLOCK_PART = re.compile(r"blocks\.\d+\.(attn|mlp)")
 
-# Device types whose allocations are host memory (oneDNN/ideep buffers live on the CPU heap too), as torch's own
-# profiler tables count them.
-CPU_MEMORY_DEVICES = {torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.MKLDNN,
-                      torch.autograd.DeviceType.IDEEP}
-
 # Copy-bandwidth buffer: 128 MiB each for source and destination, well beyond CPU L3 and GPU L2 (50 MB on H100), so the
 # copy streams through DRAM/HBM instead of cache.
 COPY_BYTES = 1 << 27
-
-
-def is_cuda(device):
-    return torch.device(device).type == "cuda"
 
 
 # -----------------------------------------------------------------------------
@@ -67,35 +58,6 @@ def gmacs_breakdown(model, batch_size=1):
 
 
 # -----------------------------------------------------------------------------
-# peak memory
-
-def peak_memory_bytes(fn, device):
-    """Peak bytes allocated while fn() runs, above what was allocated before it: activations count, weights do not."""
-    if is_cuda(device):
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - baseline
-    # The CPU allocator keeps no peak statistic, and RSS sees neither freed-and-reused blocks nor the line between
-    # weights and activations. The profiler records every allocation (+bytes) and free (-bytes) of torch's CPU
-    # allocator; the running sum of those records in time order is the allocated memory above the starting point.
-    # The raw records are read, not prof.events(): those fold each op's allocations into one net number per op,
-    # which hides the workspace an op allocates and frees inside itself (attention's scratch buffers).
-    # acc_events=True only silences the "clears events at the end of each cycle" warning of torch 2.11 (one cycle here).
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, acc_events=True) as prof:
-        fn()
-    records = [e for e in prof.profiler.kineto_results.events()
-               if e.name() == "[memory]" and e.device_type() in CPU_MEMORY_DEVICES]
-    allocated = peak = 0
-    for record in sorted(records, key=lambda e: e.start_ns()):
-        allocated += record.nbytes()
-        peak = max(peak, allocated)
-    return peak
-
-
-# -----------------------------------------------------------------------------
 # timing
 
 @dataclass
@@ -121,34 +83,6 @@ class Timing:
         return items / self.median_s
 
 
-@contextmanager
-def num_threads(threads):
-    """Pin torch's intra-op threads for the duration (None: leave them), and restore the previous count."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def timed_call(fn, device):
-    """Seconds of one fn() call. On CUDA, host timers would measure only the kernel launches, so the call is
-    bracketed by CUDA events after a synchronize (no earlier work is inside the window) and read after the end event."""
-    if is_cuda(device):
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def time_fn(fn, *, device, warmup=3, rounds=20, min_time_s=0.0, threads=None):
     """Time fn() after `warmup` untimed calls (compilation, autotuning, caches), for at least `rounds` calls and
     until the timed calls add up to min_time_s."""
@@ -161,21 +95,34 @@ def time_fn(fn, *, device, warmup=3, rounds=20, min_time_s=0.0, threads=None):
     return Timing.from_samples(samples)
 
 
+class SelfTimed:
+    """A variant of time_interleaved that times itself somewhere else (the base revision's worker process): calling
+    run() performs one call there and returns its seconds, so the transport is never inside the timing."""
+
+    def __init__(self, run):
+        self.run = run
+
+
+def _one_round(fn, device):
+    return fn.run() if isinstance(fn, SelfTimed) else timed_call(fn, device)
+
+
 def time_interleaved(fns, *, device, warmup=3, rounds=20, threads=None):
-    """Time several variants round by round in one process, so that drift in clock speed or background load hits
-    every variant alike; speed ratios are computed from these. Each round calls every variant once, starting one
-    variant further on each round (a b, b a, ... for two), so no variant always runs right after the same other one
-    and inherits its cache state."""
+    """Time several variants round by round, so that drift in clock speed or background load hits every variant
+    alike; speed ratios are computed from these. Each round calls every variant once, starting one variant further
+    on each round (a b, b a, ... for two), so no variant always runs right after the same other one and inherits its
+    cache state. Sample i of every variant comes from round i: the rounds pair them. A SelfTimed variant runs in
+    another process, one call at a time, never beside the others."""
     names = list(fns)
     samples = {name: [] for name in names}
     with num_threads(threads):
         for _ in range(warmup):
             for name in names:
-                fns[name]()
+                _one_round(fns[name], device)
         for r in range(rounds):
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]
-                samples[name].append(timed_call(fns[name], device))
+                samples[name].append(_one_round(fns[name], device))
     return {name: Timing.from_samples(samples[name]) for name in names}
 
 
