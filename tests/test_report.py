@@ -80,3 +80,18 @@ def test_report_from_missing_baselines_says_how_to_record(tmp_path, capsys):
     from fastdit.cli import main
     assert main(["report", "--baselines", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "--update-baselines" in capsys.readouterr().err
+
+
+def test_the_summary_has_a_vs_base_column_only_when_a_base_was_measured():
+    metric = dict(metric="forward_ms", value=10.0, baseline=9.0, delta=1.0, outcome="passed", protocol={})
+    plain = [dict(test="bench/test_x.py::t", metrics=[metric])]
+    assert summary_rows(plain)[0][-1] == "verdict"
+    base = dict(outcome="regressed", ratio=1.123, ci=(1.1, 1.15), detail="slow")
+    compared = [dict(test="bench/test_x.py::t", profile="cpu", machine={}, info={},
+                     metrics=[dict(metric, base=base), dict(metric, metric="params", base=None)])]
+    rows = summary_rows(compared)
+    assert rows[0][-1] == "vs base"
+    assert rows[1][-1] == "1.123x [1.100, 1.150] regressed" and rows[2][-1] == "-"
+    new = [dict(test="bench/test_x.py::t", metrics=[dict(metric, base=dict(outcome="new in head", ratio=None))])]
+    assert summary_rows(new)[1][-1] == "new in head"
+    assert "## Against the base revision" in markdown(compared)
