@@ -209,16 +209,26 @@ def test_machine_peak_and_describe_device_cuda():
     assert d["capability"] == "{}.{}".format(*torch.cuda.get_device_capability())
 
 
-def test_forward_and_sampling_throughput_in_both_modes(tiny_dit):
-    from fastdit.diffusion import create_diffusion
-    from fastdit.metrics.cost import forward_throughput, sampling_throughput
+def test_forward_throughput_in_both_modes(tiny_dit):
+    from fastdit.metrics.cost import forward_throughput
     model = tiny_dit(input_size=8, in_channels=1, num_classes=10)
     eager = forward_throughput(model, batch_size=4, device="cpu", rounds=3, threads=1)
     assert eager["forwards_per_s"] > 0 and eager["images_per_s"] == pytest.approx(4 * eager["forwards_per_s"])
     assert eager["timing"].rounds == 3
     compiled = forward_throughput(model, batch_size=4, device="cpu", mode="compile", warmup=1, rounds=2, threads=1)
     assert compiled["mode"] == "compile" and compiled["forwards_per_s"] > 0
-    sampled = sampling_throughput(model, create_diffusion(3), 5, device="cpu", rounds=2, threads=1)
-    assert sampled["steps"] == 3 and sampled["images_per_s"] > 0
     with pytest.raises(ValueError, match="execution mode"):
         forward_throughput(model, device="cpu", mode="jit")
+
+
+def test_the_sampling_workload_runs_the_full_chain(tiny_dit):
+    """The bench times full-chain sampling through harness.worker.workload: every step, every sample of the batch."""
+    from fastdit.harness.worker import workload
+    model = tiny_dit(input_size=8, in_channels=1, num_classes=10)
+    calls = []
+    model.final_layer.register_forward_hook(lambda *_: calls.append(1))
+    run = workload(model, dict(call="sample", batch_size=5, steps=3, options=dict(sampler="ddim")), "cpu")
+    x0, labels = run()
+    assert x0.shape == (5, 1, 8, 8) and labels.shape == (5,) and len(calls) == 3
+    timing = time_interleaved({"sampling": run}, device="cpu", warmup=0, rounds=2, threads=1)["sampling"]
+    assert timing.rounds == 2 and timing.median_s > 0

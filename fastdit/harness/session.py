@@ -456,7 +456,7 @@ class Bench:
         if failed:
             pytest.fail("\n".join(failed), pytrace=False)
         # Nothing judged is not a pass. The reasons name no test, so pytest's -ra summary folds them to one line each.
-        if any(v.base and v.base["outcome"] not in (NEW_IN_HEAD, BASE_CANNOT_BUILD) for v in verdicts):
+        if compared:
             return verdicts  # judged against the base: never a skip
         if verdicts and all(v.outcome == NO_BASELINE for v in verdicts):
             pytest.skip(f"no baseline in {self.baselines.path}: record with "

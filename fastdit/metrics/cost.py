@@ -148,24 +148,6 @@ def forward_throughput(model, batch_size=1, *, device, mode="eager", warmup=3, r
                 images_per_s=timing.per_second(batch_size), timing=timing)
 
 
-def sampling_throughput(model, diffusion, batch_size, *, device, sampler="ddim", mode="eager", warmup=1, rounds=3,
-                        threads=None, **generate_kwargs):
-    """Full sampling: images/s of `batch_size` samples through every step of `diffusion` (a respaced chain).
-
-    With mode "compile" the plain forward is compiled; guidance (cfg_scale > 1) goes through forward_with_cfg,
-    which runs eagerly.
-    """
-    from ..sampling import generate
-    runner = prepare_mode(model.eval(), mode)  # a compiled module still answers in_channels, input_size, ...
-
-    def run():
-        generate(runner, diffusion, range(batch_size), sampler=sampler, batch_size=batch_size, device=device,
-                 **generate_kwargs)
-    timing = time_fn(run, device=device, warmup=warmup, rounds=rounds, threads=threads)
-    return dict(mode=mode, batch_size=batch_size, steps=diffusion.num_timesteps, sampler=sampler,
-                images_per_s=timing.per_second(batch_size), timing=timing)
-
-
 def speedup(reference, candidate, n_boot=2000, seed=0):
     """How much faster `candidate` is than `reference` (ratio of medians, > 1 is faster), with a 95% bootstrap CI of
     that ratio and the two-sided Mann-Whitney U p-value that the two sample sets come from one distribution."""
