@@ -140,7 +140,8 @@ def _train_config(args):
 
 def cmd_train(args):
     from fastdit.train import train
-    from fastdit.zoo import ensure_trained, training_data
+    from fastdit.data import training_data
+    from fastdit.zoo import ensure_trained
     profile, config = _train_config(args)
     if args.out:  # a plain run in a folder of the user's: official-layout checkpoints, resumed automatically
         x, y, num_classes, _ = training_data(config)

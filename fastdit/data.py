@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_write, cache_root, sha256_file
-from .sampling import VAE_SCALE
 
 EMBEDDED_DIR = str(Path(__file__).parent / "datasets" / "fashion-mnist")  # shipped in the package, with its LICENSE
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # files of the Debian package dataset-fashion-mnist
 DOWNLOAD_TIMEOUT_S = 30  # torchvision's urlopen has no timeout: a blackholed network would hang forever
 DIGITS_TRAIN = 1437  # of sklearn's 1797 digits; the other 360 are the test split (80 / 20)
+
+VAE_SCALE = 0.18215  # SD-VAE latents are scaled by this factor before DiT sees them
 
 
 @dataclass(frozen=True)
@@ -472,3 +473,14 @@ def save_latents(path, latents: torch.Tensor | np.ndarray, labels, num_classes: 
     labels = _npz_labels(labels, len(latents), path)
     arrays = dict(latents=latents, labels=labels, num_classes=np.int64(num_classes))
     atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def training_data(config, data=None):
+    """(x (N, C, S, S) in [-1, 1], labels, num_classes, fingerprint) of a TrainConfig's data set (or of `data`,
+    its already loaded train split): the tensors a training run reads."""
+    data = data or load_dataset(config.dataset, "train")
+    if hasattr(data, "latents"):
+        x = torch.from_numpy(data.latents)
+    else:
+        x = prepare(data.images, config.image_size, config.resize)
+    return x, torch.from_numpy(data.labels), data.num_classes, data.fingerprint

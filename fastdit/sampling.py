@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import VAE_SCALE
 from .files import atomic_write
 
-VAE_SCALE = 0.18215  # SD-VAE latents are scaled by this factor before DiT sees them
 SAMPLERS = ("ddpm", "ddim")
 
 

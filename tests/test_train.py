@@ -8,7 +8,7 @@ import torch
 
 from fastdit.models import load
 from fastdit.train import TrainConfig, batch_indices, latest_checkpoint, train
-from fastdit.zoo import training_data
+from fastdit.data import training_data
 
 TINY = dict(variant="DiT-mXS/4", dataset="digits", image_size=8, batch_size=16, lr=1e-3, ema_decay=0.99,
             model_kwargs=dict(depth=1))

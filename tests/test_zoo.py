@@ -145,3 +145,40 @@ def test_train_cached_fine_tunes_a_given_model_with_a_custom_loss_once(tmp_path)
     deeper, info3 = zoo.train_cached("test-technique", {"a": 1}, lambda: create_model(
         "DiT-mXS/4", input_size=8, in_channels=1, num_classes=10, depth=2), cfg)
     assert info3["key"] != info["key"] and len(deeper.blocks) == 2  # another architecture is another model
+
+
+def test_changed_training_code_retrains_on_a_warm_cache(monkeypatch):
+    from fastdit.models import create_model
+    cfg = TrainConfig(**TINY, steps=2)
+
+    def make_model():
+        return create_model("DiT-mXS/4", input_size=8, in_channels=1, num_classes=10, depth=1)
+
+    _, first = zoo.train_cached("test-technique", {}, make_model, cfg)
+    _, again = zoo.train_cached("test-technique", {}, make_model, cfg)
+    assert again["source"] == "cache" and again["code"]["identity"] == first["code"]["identity"]
+    assert "fastdit/train.py" in first["code"]["modules"] and "fastdit/diffusion.py" in first["code"]["modules"]
+    real = zoo.training_code
+    monkeypatch.setattr(zoo, "training_code", lambda *m: dict(real(*m), identity="edited-loss"))
+    _, edited = zoo.train_cached("test-technique", {}, make_model, cfg)
+    assert edited["source"] == "trained" and edited["key"] != first["key"]
+    path, zoo_first = zoo.ensure_trained(cfg, progress=False)
+    monkeypatch.setattr(zoo, "zoo_code", lambda: dict(real(), identity="edited-diffusion"))
+    other, zoo_edited = zoo.ensure_trained(cfg, progress=False)
+    assert zoo_edited["source"] == "trained" and other != path
+
+
+def test_committed_weights_of_changed_training_code_are_used_and_reported(tiny_profile, monkeypatch):
+    zoo.export_committed(tiny_profile)
+    told = []
+    monkeypatch.setattr(zoo, "TRAINING_OBSERVERS", [told.append])
+    _, info = zoo.reference_model(tiny_profile, "DiT-mXS/4")
+    assert info["source"] == "committed" and told == []  # trained by this code: nothing to say
+    real = zoo.zoo_code()
+    modules = dict(real["modules"], **{"fastdit/diffusion.py": "0" * 16})
+    monkeypatch.setattr(zoo, "zoo_code", lambda: dict(identity="edited", modules=modules))
+    _, info = zoo.reference_model(tiny_profile, "DiT-mXS/4")
+    assert info["source"] == "committed"  # still gated with the weights the baselines were measured with
+    assert [e["kind"] for e in told] == ["stale"]
+    assert "fastdit/diffusion.py changed" in told[0]["detail"]
+    assert "fastdit zoo --profile tiny --export" in told[0]["detail"]

@@ -16,6 +16,7 @@ from .session import PROPERTY, Bench, SetupError
 
 TIERS = ("quick", "full")
 TRAINED = "fastdit-trained"  # key of the trainings a test ran, in its report's user_properties
+STALE = "fastdit-stale"      # key of committed weights whose training code has changed
 
 
 def pytest_addoption(parser):
@@ -66,6 +67,7 @@ def pytest_configure(config):
     config._fastdit_records = []
     _configure_base(config)
     config._fastdit_trained = []
+    config._fastdit_stale = []
     config.pluginmanager.register(_Collector(config), "fastdit-collector")
     config.pluginmanager.register(_TrainingLog(config), "fastdit-training")
 
@@ -126,6 +128,7 @@ class _Collector:
         if report.when == "call":
             self.config._fastdit_records += [record for key, record in report.user_properties if key == PROPERTY]
         self.config._fastdit_trained += [t for key, t in report.user_properties if key == TRAINED]
+        self.config._fastdit_stale += [t for key, t in report.user_properties if key == STALE]
 
 
 class _TrainingLog:
@@ -139,6 +142,7 @@ class _TrainingLog:
         self.config = config
         self.worker = hasattr(config, "workeroutput")
         self.pending = []  # finished trainings not yet attached to a report
+        self.stale, self.told = [], set()  # committed weights trained by other code: to attach, and already told
         self.started = self.last = self.first = None
         from ..zoo import TRAINING_OBSERVERS
         TRAINING_OBSERVERS.append(self.observe)
@@ -149,6 +153,11 @@ class _TrainingLog:
             TRAINING_OBSERVERS.remove(self.observe)
 
     def observe(self, event):
+        if event["kind"] == "stale":
+            if event["label"] not in self.told:  # once per process: the zoo is read by every test
+                self.told.add(event["label"])
+                self.stale.append(dict(label=event["label"], detail=event["detail"]))
+            return
         now = time.monotonic()
         label, steps, done = event["label"], event["steps"], event["done"]
         if event["kind"] == "start":
@@ -180,9 +189,13 @@ class _TrainingLog:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
         outcome = yield
+        report = outcome.get_result()
         if self.pending:
-            outcome.get_result().user_properties += [(TRAINED, t) for t in self.pending]
+            report.user_properties += [(TRAINED, t) for t in self.pending]
             self.pending = []
+        if self.stale:
+            report.user_properties += [(STALE, t) for t in self.stale]
+            self.stale = []
 
 
 @pytest.fixture(scope="session")
@@ -308,6 +321,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"reported: {counts['reported']} metrics moved past their rule but are not gated by default "
                       "(efficiencies: --gate-efficiency; absolute times: --gate-times, both on a dedicated runner)")
     _base_summary(tr, config, records)
+    _stale_summary(tr, getattr(config, "_fastdit_stale", []))
     _training_summary(tr, trained)
     report_dir = config.getoption("fastdit_bench_report")
     if report_dir:
@@ -349,6 +363,15 @@ def _base_summary(tr, config, records):
         for m in rec["metrics"]:
             if (m.get("base") or {}).get("outcome") == "base cannot build":
                 tr.write_line(f"  base cannot build {rec['test']} {m['metric']}: {m['base']['detail']}")
+
+
+def _stale_summary(tr, stale):
+    """Committed weights whose training code has changed since they were trained: reported, not failed."""
+    seen = {}
+    for t in stale:
+        seen.setdefault(t["label"], t["detail"])
+    for label, detail in sorted(seen.items()):
+        tr.write_line(f"{label}: {detail}")
 
 
 def _training_summary(tr, trained):
