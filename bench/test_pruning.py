@@ -68,16 +68,19 @@ def _check_structure(reference, model, setting):
     for t in _techniques(setting):
         if isinstance(t, PruneHeads) and t.mode == "remove" and t.keep == 0.5 and reference.num_heads % 2 == 0:
             # Attention MACs are linear in the kept heads: half the heads, exactly half the attention.
-            assert now["attention"] * 2 == pytest.approx(ref["attention"], rel=1e-12)
+            assert now["attention"] * 2 == pytest.approx(ref["attention"], rel=1e-12), \
+                f"{t.id} must halve the attention GMACs: {ref['attention']:.6g} -> {now['attention']:.6g}"
         if isinstance(t, PruneHeads) and t.mode == "mask":
-            assert now == ref  # the paper's masking: same dense work
+            assert now == ref, f"{t.id} (the paper's masking) must keep the dense work: {ref} -> {now}"
         if isinstance(t, PruneMagnitude):
-            assert sparsity(model, t.layers) >= t.amount - 1e-6
+            assert sparsity(model, t.layers) >= t.amount - 1e-6, \
+                f"{t.id} left sparsity {sparsity(model, t.layers):.4f} below {t.amount}"
     if all(isinstance(t, (PruneMagnitude, Sparse24, Recover)) or getattr(t, "mode", "") == "mask"
            for t in _techniques(setting)):
-        assert now == ref
+        assert now == ref, f"{stack_id(setting)} must keep the dense GMACs: {ref} -> {now}"
     else:
-        assert now["total"] < ref["total"]
+        assert now["total"] < ref["total"], \
+            f"{stack_id(setting)} must remove compute: GMACs {ref['total']:.6g} -> {now['total']:.6g}"
 
 
 # ---------------------------------------------------------------------------------------------- the trained zoo

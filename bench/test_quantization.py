@@ -130,7 +130,8 @@ def _against_reference(bench, variant, quality, protocol, info):
     out = []
     for m in quality:
         entry = stored.get(m.metric)
-        if not m.extra.get("gated") or entry is None or entry["protocol"].get("n") != protocol.get("n"):
+        if m.rule["kind"] != "noise" or not m.extra.get("gated") or entry is None or \
+                entry["protocol"].get("n") != protocol.get("n"):
             continue
         delta = m.value - entry["value"]
         worse = delta if m.direction == "lower" else -delta

@@ -23,7 +23,7 @@ from filelock import FileLock
 from .files import atomic_write
 
 DIRECTIONS = ("lower", "higher", "equal")  # which way is better; "equal": any change is a change
-RULES = ("exact", "relative", "noise", "ratio")
+RULES = ("exact", "relative", "noise", "ratio", "fingerprint")
 SCOPES = ("any", "software", "hardware", "machine")  # where an entry applies: see fastdit.harness.gate.SCOPES
 REQUIRED = {"value": (int, float), "unit": str, "direction": str, "rule": dict, "protocol": dict, "machine": dict,
             "date": str, "reason": str}
@@ -101,5 +101,18 @@ def _validate_entry(entry, where):
     noise = entry.get("noise")
     if noise is not None and (not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0):
         raise BaselineError(f"{where}: noise {noise!r} must be a finite number >= 0 or null")
+    band = entry.get("band")
+    bands = band.values() if isinstance(band, dict) else [band]
+    if band is not None and not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                                    and b >= 0 for b in bands):
+        raise BaselineError(f"{where}: band {band!r} must be a finite number >= 0 (or, for a fingerprint, an object "
+                            "of them)")
+    if "band_moves" in entry and not isinstance(entry["band_moves"], dict):
+        raise BaselineError(f"{where}: band_moves must be an object (perturbation -> largest move)")
+    fingerprint = entry.get("fingerprint")
+    if fingerprint is not None and not (isinstance(fingerprint, dict) and all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+            for v in fingerprint.values())):
+        raise BaselineError(f"{where}: fingerprint must map group names to lists of finite numbers")
     if not entry["reason"].strip():
         raise BaselineError(f"{where}: the reason is empty; every baseline change says why")

@@ -31,6 +31,8 @@ class Profile:
     quick_variants: tuple = ()       # the representative variants of the quick tier (the CI gate)
     zoo: str = "cache"               # "committed": weights ship in fastdit/weights/<profile>; "cache": trained on use
     sample_batch_size: int = 250
+    eta: float = 0.0                 # DDIM's eta: 0 is deterministic, 1 has DDPM's variance; ddpm ignores it
+    num_timesteps: int = 1000        # the training chain that `sampling_steps` respaces
     extra: dict = field(default_factory=dict)
 
     def train_config(self, variant, **overrides):

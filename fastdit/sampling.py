@@ -19,6 +19,20 @@ from .files import atomic_write
 
 SAMPLERS = ("ddpm", "ddim")
 
+# Every parameter of the sampling entry points (sampling_entry_points, below) and the bench protocol field that
+# records it: a number measured under other values is never compared with the baseline. None: the parameter is not a
+# protocol choice, for the reason given. A unit test fails when an entry point gains a parameter that is not here.
+PROTOCOL_FIELDS = {
+    "sampler": "sampler", "steps": "steps", "num_timesteps": "num_timesteps", "eta": "eta", "cfg_scale": "cfg",
+    "guided_channels": "guided", "clip_denoised": "clip", "n": "n", "seed": "seed",
+    "batch_size": "sample_batch_size", "device": "device",
+    "model": None, "model_fn": None, "learn_sigma": None,   # what is sampled: the row's variant and technique
+    "profile": None,                                        # where the fields above come from
+    "diffusion": None,                                      # built from steps and num_timesteps
+    "indices": None, "labels": None, "x_T": None, "generators": None,  # drawn from the seed, per sample
+    "progress": None,                                       # a progress bar
+}
+
 
 def sample_seed(seed, index, stream=0):
     """A well-mixed 63-bit seed for one sample; `stream` separates the label stream from the noise stream."""
@@ -94,12 +108,22 @@ def sample_profile(model, profile, n, *, seed=0, device=None, progress=False):
     """n samples of `model` under a profile's sampling protocol (sampler, steps, guidance, clipping, batch size) as
     uint8 images (N, S, S, 3), with their labels."""
     from .diffusion import create_diffusion
-    diffusion = create_diffusion(profile.sampling_steps, learn_sigma=model.learn_sigma)
+    diffusion = create_diffusion(profile.sampling_steps, num_timesteps=profile.num_timesteps,
+                                 learn_sigma=model.learn_sigma)
+    # Every choice is passed explicitly, so the samples are the protocol's whatever the functions' defaults are
+    # (the defaults themselves are fingerprinted by the bench).
     x0, labels = generate(model, diffusion, range(n), seed=seed, cfg_scale=profile.cfg_scale,
-                          guided_channels=profile.guided_channels, sampler=profile.sampler,
+                          guided_channels=profile.guided_channels, sampler=profile.sampler, eta=profile.eta,
                           clip_denoised=profile.clip_denoised, batch_size=profile.sample_batch_size, device=device,
                           progress=progress)
     return to_uint8(x0).numpy(), labels
+
+
+def sampling_entry_points():
+    """The functions whose parameters decide the samples a profile's protocol produces."""
+    from .diffusion import GaussianDiffusion, create_diffusion
+    return dict(generate=generate, sample_profile=sample_profile, create_diffusion=create_diffusion,
+                ddim_sample=GaussianDiffusion.ddim_sample, ddpm_sample=GaussianDiffusion.ddpm_sample)
 
 
 def generate_distributed(model, diffusion, num_samples, *, batch_size=64, **kwargs):

@@ -80,3 +80,15 @@ def test_the_file_schema_knows_every_scope_the_gate_uses():
     from fastdit.baselines import SCOPES
     from fastdit.harness import gate
     assert set(SCOPES) == set(gate.SCOPES)
+
+
+@pytest.mark.parametrize("changes, problem", [
+    (dict(band=-1.0), "band"), (dict(band={"forward": "x"}), "band"), (dict(band_moves=[1]), "band_moves"),
+    (dict(fingerprint={"forward": [1.0, "x"]}), "fingerprint"), (dict(fingerprint=[1, 2]), "fingerprint"),
+])
+def test_bands_and_fingerprints_are_validated(tmp_path, changes, problem):
+    path = tmp_path / "cpu" / "cpu.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"t": {"outputs": entry(**changes)}}))
+    with pytest.raises(BaselineError, match=problem):
+        BaselineFile(tmp_path, "cpu", "cpu").load()

@@ -121,3 +121,56 @@ def test_deterministic_metrics_recorded_elsewhere_are_judged():
 
 def test_no_baseline():
     assert judge(exact(1), None, MACHINE).outcome == NO_BASELINE
+
+
+# ------------------------------------------------------------------------------------ reproducibility bands
+
+def banded(value, band=0.001):
+    return stored(quality(value), value, band=band, band_moves={"threads 1": band / 10})
+
+
+@pytest.mark.parametrize("now, outcome, changed", [
+    (2.5004, PASSED, False),     # within the band: reproduced
+    (2.51, "changed", True),     # past the band, within the noise rule: the outputs changed
+    (3.2, REGRESSED, True),      # past the noise rule in the bad direction
+    (1.3, IMPROVED, True),       # past it in the good direction: also a change to record
+])
+def test_a_quality_value_outside_its_band_is_changed_even_within_the_noise_rule(now, outcome, changed):
+    v = judge(quality(now), banded(2.5), MACHINE)
+    assert (v.outcome, v.changed) == (outcome, changed)
+    if changed:
+        assert "outputs changed" in v.detail and "--update-baselines --baseline-reason" in v.detail
+    assert ("changed" in FAILING) and (v.failed == (outcome in ("changed", REGRESSED)))
+
+
+def test_without_a_stored_band_the_noise_rule_alone_decides():
+    assert judge(quality(2.51), stored(quality(2.5), 2.5), MACHINE).outcome == PASSED
+
+
+def fingerprint(groups, band=None):
+    return Measurement("outputs", 1.0, "mean level", "equal", {"kind": "fingerprint"}, {"n": 1000},
+                       band=band, fingerprint=groups)
+
+
+def test_a_fingerprint_names_the_group_that_moved_and_by_how_much():
+    groups = {"samples:pixels": [10, 20, 30], "forward": [0.5, -0.25]}
+    band = {"samples:pixels": 1.0, "forward": 1e-5}
+    entry = fingerprint(groups, band).entry(MACHINE, "2026-12-02", "test")
+    assert judge(fingerprint({"samples:pixels": [11, 20, 30], "forward": [0.500001, -0.25]}), entry,
+                 MACHINE).outcome == PASSED
+    moved = judge(fingerprint({"samples:pixels": [10, 20, 30], "forward": [0.5, -0.2]}), entry, MACHINE)
+    assert moved.outcome == "changed" and moved.failed
+    assert "forward moved by up to 0.05" in moved.detail and "samples:pixels" not in moved.detail
+    fewer = judge(fingerprint({"samples:pixels": [10, 20]}), entry, MACHINE)
+    assert fewer.outcome == "changed" and "2 values now, 3 in the baseline" in fewer.detail
+    assert "forward: 0 values now, 2 in the baseline" in fewer.detail
+
+
+def test_bands_are_a_multiple_of_the_measured_move_and_never_below_their_floor():
+    from fastdit.harness.gate import REPRODUCIBILITY, fingerprint_band, reproducibility_band
+    factor = REPRODUCIBILITY["factor"]
+    assert reproducibility_band("fid", 2.5, [0.0, 0.003]) == pytest.approx(factor * 0.003)
+    assert reproducibility_band("fid", 2.5, [0.0]) == pytest.approx(REPRODUCIBILITY["relative"] * 2.5)
+    assert reproducibility_band("precision", 0.7, [0.0], n=1000) == pytest.approx(REPRODUCIBILITY["samples"] / 1000)
+    assert fingerprint_band("samples:pixels", [0]) == 1.0
+    assert fingerprint_band("forward", [2e-6]) == pytest.approx(factor * 2e-6)

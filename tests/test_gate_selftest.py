@@ -10,6 +10,8 @@ chosen by FASTDIT_PLANT, before anything is imported by the tests:
     slow-pruned-attention:P   the pruned attention's forward (one technique's code) takes P% longer
     grow-memory:F      every DiT forward holds F x (batch, tokens, width) floats more through its peak
     new-technique      the head registers a technique the base does not have
+    eta-default:V      the samplers' default DDIM eta becomes V (generate and ddim_sample; the profile passes its own)
+    ddim-eta:V         DDIM runs with eta V whatever it is asked for: every sample moves a little, FID within noise
 
 The plants live in the head's process only: against the base (--compare-to-path this checkout), whose worker
 imports the unplanted fastdit, they are changes of the head's code.
@@ -118,6 +120,23 @@ if PLANT == "new-technique":  # a technique the base does not have
             del model.blocks[len(model.blocks) // 2:]
             return model
 
+if kind == "eta-default":  # a changed default: only callers that rely on it see it
+    import inspect
+
+    from fastdit import sampling
+    from fastdit.diffusion import GaussianDiffusion
+    inspect.unwrap(sampling.generate).__kwdefaults__["eta"] = float(amount)  # under torch.no_grad's wrapper
+    ddim = inspect.unwrap(GaussianDiffusion.ddim_sample)
+    ddim.__defaults__ = (float(amount),) + ddim.__defaults__[1:]  # (eta, progress, clip_denoised)
+
+if kind == "ddim-eta":  # DDIM's update itself changed
+    from fastdit.diffusion import GaussianDiffusion
+    ddim = GaussianDiffusion.ddim_sample
+
+    def noisier(self, model_fn, x_T, generators, eta=0.0, **kwargs):
+        return ddim(self, model_fn, x_T, generators, eta=float(amount), **kwargs)
+    GaussianDiffusion.ddim_sample = noisier
+
 if PLANT == "extra-block":
     from fastdit.harness.session import Bench
     load = Bench.reference_model
@@ -161,6 +180,19 @@ def test_planted_regressions_are_caught_and_unchanged_runs_pass(project, monkeyp
     grown = run(project, monkeypatch, "extra-block", "test_cost")
     grown.assert_outcomes(failed=1)
     grown.stdout.fnmatch_lines(["*params: regressed: changed from *", "*gmacs: regressed*"])
+
+    # Sampler changes that stay inside the noise rule: the outputs moved past their reproducibility band.
+    noisier = run(project, monkeypatch, "ddim-eta:0.2", "test_quality")
+    noisier.assert_outcomes(failed=1)
+    noisier.stdout.fnmatch_lines(["*fid: changed: outputs changed: moved *outside the reproducibility band*",
+                                  "*outputs: changed: outputs changed: *samples:pixels moved by up to*"])
+    default = run(project, monkeypatch, "eta-default:0.2", "test_quality")
+    default.assert_outcomes(failed=1)  # the profile's samples are unchanged; generate's defaults are not
+    out = default.stdout.str()
+    assert "fid: changed" not in out and "defaults-ddim:pixels moved" in out and "samples:pixels" not in out, out
+    reported = run(project, monkeypatch, "ddim-eta:0.2", "test_quality", "--report-changed")
+    reported.assert_outcomes(passed=1)
+    reported.stdout.fnmatch_lines(["*test_quality*fid*reported*"])
 
     skipped = run(project, monkeypatch, "skip-last-step", "test_quality")
     skipped.assert_outcomes(failed=1)

@@ -65,3 +65,30 @@ def test_under_xdist_workers_train_quietly_and_the_summary_still_counts_them(pro
     result.assert_outcomes(skipped=1)
     assert "fastdit: training" not in result.stdout.str()
     result.stdout.fnmatch_lines(["training: 1 models in * s (tiny DiT-XS/4 * s); cached in *"])
+
+
+ASSERTS = '''
+def test_structure(bench, request):
+    assert 2 + 2 == 5, "the pruned model still has all its heads: 6 of 6 kept"
+
+
+def test_error(bench, request):
+    raise RuntimeError("conversion failed: no Linear layers found")
+'''
+
+
+def test_a_bench_test_that_fails_before_the_gate_shows_as_a_verdict_row(pytester, monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path / "cache"))
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_asserts=ASSERTS)
+    report = tmp_path / "report"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--bench-report", str(report))
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines([
+        "*test_asserts.py::test_error*invariant*error (RuntimeError): conversion failed: no Linear layers found*",
+        "*test_asserts.py::test_structure*invariant*invariant failed: the pruned model still has all its heads*",
+        "verdicts: 1 error (RuntimeError), 1 invariant failed",
+        "invariant failed / error: a bench test stopped before its metrics were judged*"])
+    md = (report / "report.md").read_text()
+    assert "| test_asserts.py::test_structure | invariant | - | - | - | invariant failed: the pruned model still " \
+           "has all its heads: 6 of 6 kept |" in md

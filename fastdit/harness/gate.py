@@ -4,7 +4,11 @@ Each metric kind has its own rule, the way benchmark tools that teams trust deci
 
     exact      parameters, bytes, GMACs: deterministic, so any change is reported; a change in the bad direction fails
     noise      quality (FID, sFID, KID, ...): fails when worse by more than max(floor, k x calibrated seed-to-seed
-               noise)
+               noise). Computed from fixed seeds, quality reproduces up to float rounding: a value that moved past its
+               stored reproducibility band but not past the noise rule is "changed", which fails too (the outputs
+               changed: an intended change is recorded with a reason); --report-changed gates by the noise rule alone
+    fingerprint  deterministic outputs (the first samples, a seeded forward, the samplers' default paths), each
+               group compared within its own measured band: "changed" names the group that moved and by how much
     ratio      speed as a ratio to a yardstick measured in the same run, interleaved (machine-independent): fails when
                worse by more than `threshold` *and* the drop is significant (the ratio's 95% bootstrap CI lies
                wholly on the bad side of the baseline); a CI wider than `max_ci_width` is "unstable", not a verdict
@@ -25,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 PASSED, IMPROVED, REGRESSED = "passed", "improved", "regressed"
 NO_BASELINE, MISMATCH, UNSTABLE, RECORDED = "no baseline", "protocol mismatch", "unstable", "recorded"
 ELSEWHERE = "not gated here"  # a baseline exists, recorded on a runner its scope does not cover: reported only
-FAILING = {REGRESSED, MISMATCH}
+CHANGED = "changed"   # outside the reproducibility band, inside the noise rule: the outputs changed
+FAILING = {REGRESSED, MISMATCH, CHANGED}
 # Against the base revision (--compare-to) only: what the head measures that the base does not have or cannot build.
 NEW_IN_HEAD, BASE_CANNOT_BUILD = "new in head", "base cannot build"
 
@@ -45,6 +50,36 @@ DEFAULT_RULES = {
 }
 
 
+# The reproducibility band of a row computed from fixed seeds (quality metrics, output fingerprints). When a baseline
+# is recorded, the row is measured again under what differs between runners of unchanged code: another thread count
+# (another reduction order in every matmul), another sample batch size (other kernel blocking), and, for a model this
+# checkout trains (distilled, upcycled, fine-tuned, recovered), a second training run on another thread count. The band
+# is `factor` x the largest move, and at least the floor: a scalar metric's `relative` floor x its value, a metric
+# counted over the N samples (precision, recall) `samples` / N, and a fingerprint group's own floor (a pixel of a
+# uint8 image can flip by one level at a rounding boundary on any runner).
+REPRODUCIBILITY = {
+    "factor": 10.0,
+    "relative": 1e-4,
+    "samples": 2,
+    "counted": ("precision", "recall"),
+    "groups": {"pixels": 1.0, "means": 0.01, "forward": 1e-5},
+}
+
+
+def reproducibility_band(metric, value, moves, n=None):
+    """The band of a scalar metric from the moves (absolute differences) measured under the perturbations."""
+    r = REPRODUCIBILITY
+    floor = r["samples"] / n if n and metric in r["counted"] else r["relative"] * abs(value)
+    return float(max(r["factor"] * max(moves, default=0.0), floor))
+
+
+def fingerprint_band(group, moves):
+    """The band of one fingerprint group: `moves` are its largest differences under each perturbation."""
+    r = REPRODUCIBILITY
+    floor = next((v for k, v in r["groups"].items() if group.endswith(k)), r["groups"]["forward"])
+    return float(max(r["factor"] * max(moves, default=0.0), floor))
+
+
 @dataclass
 class Measurement:
     """One metric as measured now, with everything the gate and the baseline file need."""
@@ -58,13 +93,23 @@ class Measurement:
     scope: str = "any"                 # where a baseline applies: "any", "hardware" or "machine" (see above)
     ci: tuple | None = None            # 95% CI of value (speed ratios)
     p_value: float | None = None       # Mann-Whitney p of candidate vs reference timings (speed ratios; reported)
+    band: float | dict | None = None   # reproducibility band: how far unchanged code moves the value (per group for
+                                       # a fingerprint), measured when the baseline was recorded (see REPRODUCIBILITY)
+    fingerprint: dict | None = None    # rule "fingerprint": {group: [numbers]}
+    band_moves: dict | None = None     # what set the band: {perturbation: largest move} (per group for a fingerprint)
     extra: dict = field(default_factory=dict)
 
     def entry(self, machine, date, reason):
         """The baseline-file entry recording this measurement."""
-        return dict(value=float(self.value), unit=self.unit, direction=self.direction, rule=dict(self.rule),
-                    noise=None if self.noise is None else float(self.noise), protocol=dict(self.protocol),
-                    machine=dict(machine), scope=self.scope, date=date, reason=reason)
+        out = dict(value=float(self.value), unit=self.unit, direction=self.direction, rule=dict(self.rule),
+                   noise=None if self.noise is None else float(self.noise), protocol=dict(self.protocol),
+                   machine=dict(machine), scope=self.scope, date=date, reason=reason)
+        if self.band is not None:
+            out["band"] = self.band
+            out["band_moves"] = self.band_moves or {}
+        if self.fingerprint is not None:
+            out["fingerprint"] = self.fingerprint
+        return out
 
 
 @dataclass
@@ -78,6 +123,7 @@ class Verdict:
     scope: str = "any"
     recorded_on: str | None = None  # ELSEWHERE: the runner that recorded the baseline
     base: dict | None = None        # --compare-to: the BaseVerdict against the base revision, as a dict
+    changed: bool = False           # outside its reproducibility band: the outputs changed (also when improved)
 
     @property
     def failed(self):
@@ -95,9 +141,9 @@ class Verdict:
 
 def judge(m, stored, machine):
     """The verdict for Measurement `m` against the stored baseline entry (None: nothing stored for this metric)."""
-    def verdict(outcome, detail, recorded=None):
+    def verdict(outcome, detail, recorded=None, changed=False):
         return Verdict(m.metric, outcome, float(m.value), None if stored is None else float(stored["value"]), m.unit,
-                       detail, m.scope, recorded)
+                       detail, m.scope, recorded, changed=changed)
 
     if stored is None:
         return verdict(NO_BASELINE, "nothing stored for this metric")
@@ -126,7 +172,9 @@ def judge(m, stored, machine):
             return verdict(UNSTABLE, "no calibrated noise stored: record the baseline again to calibrate it")
         why = f"tolerance max(floor {rule.get('floor', 0.0):g}, {rule.get('k', 3.0):g} x noise {noise:.3g}) " \
               f"= {tolerance:.3g}"
-        return _by_tolerance(verdict, worse, tolerance, why)
+        return _reproduced(verdict, _by_tolerance(verdict, worse, tolerance, why), m.value - base, stored.get("band"))
+    if kind == "fingerprint":
+        return _judge_fingerprint(verdict, m.fingerprint or {}, stored.get("fingerprint") or {}, stored.get("band"))
     if kind == "relative":
         tolerance = rule["tolerance"] * abs(base)
         return _by_tolerance(verdict, worse, tolerance, f"tolerance {rule['tolerance']:.0%} of the baseline")
@@ -149,6 +197,47 @@ def _by_tolerance(verdict, worse, tolerance, why):
     if -worse > tolerance:
         return verdict(IMPROVED, f"better by {-worse:.3g} > {why}")
     return verdict(PASSED, f"within {why}")
+
+
+NO_BAND = "no reproducibility band stored: the noise rule alone"
+RECORD_HINT = "if intended, record with `pytest bench --update-baselines --baseline-reason \"...\"`"
+
+
+def _reproduced(verdict, by_noise, moved, band):
+    """The noise rule's verdict, sharpened by the reproducibility band: unchanged code stays within the band."""
+    if band is None:  # recorded before bands were measured
+        by_noise.detail += f" ({NO_BAND})"
+        return by_noise
+    if abs(moved) <= band:
+        return verdict(PASSED, f"reproduced: moved {moved:+.3g}, within the band ±{band:.3g}")
+    what = f"outputs changed: moved {moved:+.3g}, outside the reproducibility band ±{band:.3g}"
+    if by_noise.outcome == PASSED:
+        return verdict(CHANGED, f"{what} ({by_noise.detail}); {RECORD_HINT}", changed=True)
+    return verdict(by_noise.outcome, f"{what}: {by_noise.detail}; {RECORD_HINT}", changed=True)
+
+
+def _judge_fingerprint(verdict, now, stored, band):
+    """Each group of deterministic outputs against its stored values, within that group's band."""
+    if not isinstance(band, dict):
+        return verdict(UNSTABLE, "no reproducibility band stored: record the baseline again to measure it")
+    moved = []
+    for group in sorted(set(now) | set(stored)):
+        a, b = now.get(group), stored.get(group)
+        if a is None or b is None or len(a) != len(b):
+            moved.append(f"{group}: {len(a or [])} values now, {len(b or [])} in the baseline")
+            continue
+        diffs = [abs(x - y) for x, y in zip(a, b)]
+        worst = max(diffs, default=0.0)
+        limit = band.get(group, 0.0)
+        if worst > limit:
+            count = sum(d > limit for d in diffs)
+            moved.append(f"{group} moved by up to {worst:.3g} ({count} of {len(diffs)} values past the band "
+                         f"±{limit:.3g}; value {diffs.index(worst)}: {b[diffs.index(worst)]:.6g} -> "
+                         f"{a[diffs.index(worst)]:.6g})")
+    if moved:
+        return verdict(CHANGED, "outputs changed: " + "; ".join(moved) + f"; {RECORD_HINT}", changed=True)
+    return verdict(PASSED, f"reproduced: {sum(len(v) for v in now.values())} values in {len(now)} groups, each "
+                           "within its band")
 
 
 def _judge_ratio(verdict, m, base, direction, rule):

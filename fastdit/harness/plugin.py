@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from ..techniques import stack_id
-from .gate import ELSEWHERE, IMPROVED, NO_BASELINE, SCOPES, UNSTABLE, recorded_on
+from .gate import CHANGED, ELSEWHERE, IMPROVED, NO_BAND, NO_BASELINE, SCOPES, UNSTABLE, recorded_on
 from .session import PROPERTY, Bench, SetupError
 
 TIERS = ("quick", "full")
 TRAINED = "fastdit-trained"  # key of the trainings a test ran, in its report's user_properties
 STALE = "fastdit-stale"      # key of committed weights whose training code has changed
+INVARIANT = "invariant"      # the verdict row of a bench test that failed before the gate judged its metrics
 
 
 def pytest_addoption(parser):
@@ -49,6 +50,9 @@ def pytest_addoption(parser):
                 help="also fail on absolute-time regressions (forward ms, sampling images/s) against baselines "
                      "this very machine recorded; off by default: unchanged code read up to +55%% on a quiet machine "
                      "with the recording fingerprint; use it on a dedicated runner")
+    g.addoption("--report-changed", dest="fastdit_report_changed", action="store_true",
+                help="report quality and output rows that moved outside their reproducibility band (\"changed\") "
+                     "without failing: gate quality by the seed-to-seed noise rule alone")
     g.addoption("--compare-to", dest="fastdit_compare_to", default=None, metavar="REV",
                 help="also measure every speed and memory row with the code of git revision REV (origin/main, a SHA, "
                      "HEAD~1), in turns with this checkout's, and judge speed and memory against it")
@@ -196,6 +200,24 @@ class _TrainingLog:
         if self.stale:
             report.user_properties += [(STALE, t) for t in self.stale]
             self.stale = []
+        if call.when == "call" and report.failed and "bench" in getattr(item, "fixturenames", ()):
+            _invariant_row(item, call, report)
+
+
+def _invariant_row(item, call, report):
+    """A bench test that failed before the gate judged it (an assert on structure, invariants, size bounds; an
+    error) becomes a verdict row, so the summary and the report show it and not only pytest's failure list."""
+    if any(key == PROPERTY for key, _ in report.user_properties) or call.excinfo is None:
+        return  # the gate judged this test: its rows already say why it failed
+    err = call.excinfo.value
+    kind = "invariant failed" if isinstance(err, AssertionError) else f"error ({type(err).__name__})"
+    message = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    bench = getattr(item.config, "_fastdit_bench", None)
+    record = dict(test=item.nodeid, info={}, machine=bench.machine if bench else {},
+                  profile=bench.profile.name if bench else None,
+                  metrics=[dict(metric=INVARIANT, outcome=kind, value=None, baseline=None, delta=None, unit="",
+                                detail=message, scope="any", protocol={})])
+    report.user_properties.append((PROPERTY, record))
 
 
 @pytest.fixture(scope="session")
@@ -308,6 +330,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line("")
     tr.write_line("verdicts: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     record = "`pytest bench --update-baselines --baseline-reason \"...\"`"
+    if counts.get(CHANGED):
+        tr.write_line(f"changed: {counts[CHANGED]} quality or output rows moved past their reproducibility band (how "
+                      "far unchanged code moves them) while within the noise rule: the outputs changed. If intended, "
+                      f"record with {record} and review the baseline diff; --report-changed reports them without "
+                      "failing")
+    unbanded = sum(NO_BAND in (m.get("detail") or "") for rec in records for m in rec["metrics"])
+    if unbanded:
+        tr.write_line(f"no band: {unbanded} quality metrics were recorded before reproducibility bands were measured "
+                      f"and are gated by the noise rule alone; record them again with {record} to gate their outputs")
     if counts.get(IMPROVED):
         tr.write_line(f"improvements: review them, then record with {record}")
     if counts.get(NO_BASELINE):
@@ -320,6 +351,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if counts.get("reported"):
         tr.write_line(f"reported: {counts['reported']} metrics moved past their rule but are not gated by default "
                       "(efficiencies: --gate-efficiency; absolute times: --gate-times, both on a dedicated runner)")
+    if any(k.startswith(("invariant failed", "error (")) for k in counts):
+        tr.write_line("invariant failed / error: a bench test stopped before its metrics were judged; its row says "
+                      "why (the full traceback is in pytest's failure list)")
     _base_summary(tr, config, records)
     _stale_summary(tr, getattr(config, "_fastdit_stale", []))
     _training_summary(tr, trained)

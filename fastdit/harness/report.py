@@ -51,8 +51,10 @@ def summary_rows(records):
     for rec in sorted(records, key=lambda r: r["test"]):
         for m in rec["metrics"]:
             delta = m.get("delta")
+            # A verdict without a figure (a bench test stopped on an invariant) shows why in its verdict cell.
+            verdict = m["outcome"] if m["value"] is not None else f"{m['outcome']}: {m.get('detail', '')[:160]}"
             row = (_short(rec["test"]), m["metric"], _num(m.get("baseline")), _num(m["value"]),
-                   "-" if delta is None else f"{delta:+.4g}", m["outcome"])
+                   "-" if delta is None else f"{delta:+.4g}", verdict)
             rows.append(row + ((vs_base(m.get("base")),) if compared else ()))
     return rows
 
@@ -73,6 +75,8 @@ def rows_by_model(records):
     out = {}
     for rec in records:
         for m in rec["metrics"]:
+            if m.get("value") is None:
+                continue  # a verdict without a figure (an invariant that failed): in the verdicts only
             p = m["protocol"]
             key = (p.get("technique", "reference"), p.get("variant", "?"))
             row = out.setdefault(p.get("scale", "zoo"), {}).setdefault(key, {})

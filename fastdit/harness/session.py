@@ -26,9 +26,9 @@ from ..metrics import cost, measure
 from ..metrics.flops import count_params
 from ..profiles import default_profile, get_profile
 from . import compare
-from .gate import (BASE_CANNOT_BUILD, DEFAULT_RULES, ELSEWHERE, FAILING, NEW_IN_HEAD, NO_BASELINE, RECORDED,
-                   REGRESSED, BaseVerdict, Measurement, confirm, judge, judge_memory_against_base,
-                   judge_time_against_base, memory_scope)
+from .gate import (BASE_CANNOT_BUILD, CHANGED, DEFAULT_RULES, ELSEWHERE, FAILING, IMPROVED, NEW_IN_HEAD,
+                   NO_BASELINE, RECORDED, REGRESSED, BaseVerdict, Measurement, confirm, fingerprint_band,
+                   judge, judge_memory_against_base, judge_time_against_base, memory_scope, reproducibility_band)
 from .worker import workload
 
 # The yardstick for machine-relative speed: a square fp32 matmul, timed interleaved with what is measured, so that
@@ -43,6 +43,9 @@ PROPERTY = "fastdit"  # key of the record attached to each test report's user_pr
 
 # Quality metrics that are gated (direction); the Inception-Score analogue is recorded, not gated.
 QUALITY = {"fid": "lower", "sfid": "lower", "kid_mean": "lower", "precision": "higher", "recall": "higher"}
+# The output fingerprint beside every quality row: the first samples of seed 0 (per-image mean and a few pixels of
+# each), one forward on seeded inputs, and a few samples of the sampling functions called with their defaults.
+FINGERPRINT_IMAGES, FINGERPRINT_PIXELS, FINGERPRINT_OUTPUTS = 8, 16, 8
 
 
 class SetupError(Exception):
@@ -70,6 +73,16 @@ def _unavailable(err):
     return BaseVerdict(BASE_CANNOT_BUILD, detail=err.reason)
 
 
+def _image_print(name, images):
+    """{name:means, name:pixels} of uint8 images (N, H, W, C): each image's mean level, and FINGERPRINT_PIXELS pixels
+    of each at positions drawn once from a fixed seed."""
+    images = np.asarray(images)
+    positions = np.random.default_rng(0).integers(0, images.shape[1] * images.shape[2], FINGERPRINT_PIXELS)
+    flat = images[..., 0].reshape(len(images), -1)
+    return {f"{name}:means": [round(float(v), 4) for v in images.reshape(len(images), -1).mean(1)],
+            f"{name}:pixels": [int(v) for v in flat[:, positions].flatten()]}
+
+
 class Bench:
     def __init__(self, config):
         opt = config.getoption
@@ -95,6 +108,7 @@ class Bench:
         self.calibration_seeds = opt("fastdit_calibration_seeds")
         self.gate_efficiency = opt("fastdit_gate_efficiency")
         self.gate_times = opt("fastdit_gate_times")
+        self.report_changed = opt("fastdit_report_changed")
         self.workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
         self.machine = dict(cost.describe_device(device), workers=self.workers)
         root = Path(opt("fastdit_baselines") or Path(config.rootpath) / "baselines")
@@ -148,12 +162,15 @@ class Bench:
 
     def apply(self, model, stack, variant):
         """The techniques applied in order; the result remembers where it came from (for --compare-to)."""
+        from ..zoo import TRAINED_LOADS
         origin = getattr(model, ORIGIN, None)
+        loads = TRAINED_LOADS[0]
         out = techniques.apply(model, stack, self.context(variant))
         if origin is not None:
             applied = [stack] if isinstance(stack, techniques.Technique) else list(stack)
+            # trained: the result depends on a training run of this checkout's code (the zoo's train_cached)
             _origin(out, dict(origin, stack=origin.get("stack", []) + [t.to_dict() for t in applied],
-                              variant=variant))
+                              variant=variant, trained=origin.get("trained", False) or TRAINED_LOADS[0] != loads))
         return out
 
     def protocol(self, variant, stack=(), scale="zoo", **fields):
@@ -162,9 +179,12 @@ class Bench:
         base = dict(scale=scale, variant=variant, technique=techniques.stack_id(stack), device=self.machine["device"],
                     dtype="float32", mode="eager")
         if scale == "zoo":
+            # Every sampling parameter, named as sampling.PROTOCOL_FIELDS names it. The thread count is not a field:
+            # it changes samples only by float rounding, which the reproducibility band measures.
             base.update(profile=p.name, dataset=p.dataset, image_size=p.image_size, resize=p.resize,
-                        sampler=p.sampler, steps=p.sampling_steps, cfg=p.cfg_scale, guided=p.guided_channels,
-                        clip=p.clip_denoised, n=p.fid_samples, evaluator=p.evaluator)
+                        sampler=p.sampler, steps=p.sampling_steps, num_timesteps=p.num_timesteps, eta=p.eta,
+                        cfg=p.cfg_scale, guided=p.guided_channels, clip=p.clip_denoised, n=p.fid_samples,
+                        seed=0, sample_batch_size=p.sample_batch_size, evaluator=p.evaluator)
         else:
             base.update(input_size=32, in_channels=4, num_classes=200)
         base.update(fields)
@@ -181,11 +201,13 @@ class Bench:
                                                           p.image_size, p.resize)
         return self._evaluator, self._reference_features
 
-    def samples(self, model, seed=0):
+    def samples(self, model, seed=0, batch_size=None):
         """The profile's N samples of `model`, after checking the sampler's invariant: every batch ran exactly the
-        protocol's number of denoising steps (one network evaluation each; guidance runs in the same batch)."""
+        protocol's number of denoising steps (one network evaluation each; guidance runs in the same batch).
+        batch_size: another sample batch size than the profile's (the reproducibility band's perturbation)."""
+        from dataclasses import replace
         from ..sampling import sample_profile
-        p = self.profile
+        p = self.profile if batch_size is None else replace(self.profile, sample_batch_size=batch_size)
         calls = []
         # The final layer runs once per network evaluation, whether through forward or forward_with_cfg.
         handle = model.final_layer.register_forward_hook(lambda *_: calls.append(1))
@@ -222,19 +244,23 @@ class Bench:
                                                                                 threads, model, work)))]
 
     def quality(self, model, protocol):
-        """FID, sFID, KID, precision and recall of the profile's N samples (seed 0) against the reference set.
+        """FID, sFID, KID, precision and recall of the profile's N samples (seed 0) against the reference set, and
+        beside them the fingerprint of deterministic outputs ("outputs").
 
-        With --update-baselines the metrics are also computed for further seeds, and their seed-to-seed standard
-        deviation is stored as the calibrated noise that sets the gate's tolerance."""
-        from ..metrics.quality import quality_metrics
-        evaluator, reference = self.evaluator()
+        With --update-baselines the metrics are also computed for further seeds, whose seed-to-seed standard
+        deviation is stored as the calibrated noise that sets the gate's tolerance, and the row is measured again
+        under what differs between runners of unchanged code (gate.REPRODUCIBILITY): the largest move sets the
+        reproducibility band stored with each metric and fingerprint group."""
+        evaluator, _ = self.evaluator()
         protocol = dict(protocol, evaluator_sha256=evaluator.sha256[:16])
-
-        def metrics(seed):
-            return quality_metrics(evaluator.features(self.samples(model, seed)), reference)
-        runs = [metrics(seed) for seed in range(self.calibration_seeds if self.update else 1)]
+        first = self._outputs(model, seed=0)
+        runs, moved = [first["metrics"]], []
+        if self.update:
+            runs += [self._outputs(model, seed, fingerprint=False)["metrics"]
+                     for seed in range(1, self.calibration_seeds)]
+            moved = [self._outputs(m, 0, **how) for m, how in self._perturbations(model)]
         out = []
-        for name, value in runs[0].items():
+        for name, value in first["metrics"].items():
             if name.endswith("_std"):
                 continue  # spreads of subsets and splits, not qualities of the model
             direction = QUALITY.get(name)
@@ -242,9 +268,88 @@ class Bench:
             # The floor keeps a fluke-small calibrated spread from making the gate hair-triggered.
             rule = dict(DEFAULT_RULES["quality"], floor=round(0.05 * abs(value), 6)) if direction else \
                 {"kind": "relative", "tolerance": 1.0}
-            out.append(Measurement(name, value, "", direction or "higher", rule, protocol, noise=noise,
-                                   extra=dict(gated=bool(direction))))
+            moves = {o["how"]: abs(o["metrics"][name] - value) for o in moved}
+            band = reproducibility_band(name, value, list(moves.values()), self.profile.fid_samples) \
+                if moved and direction else None
+            out.append(Measurement(name, value, "", direction or "higher", rule, protocol, noise=noise, band=band,
+                                   band_moves=moves if band is not None else None, extra=dict(gated=bool(direction))))
+        fingerprint = first["fingerprint"]
+        moves = {o["how"]: {group: max(abs(a - b) for a, b in zip(o["fingerprint"][group], values))
+                            for group, values in fingerprint.items()} for o in moved}
+        band = {group: fingerprint_band(group, [m[group] for m in moves.values()]) for group in fingerprint}
+        out.append(Measurement("outputs", float(np.mean(fingerprint["samples:means"])), "mean level", "equal",
+                               {"kind": "fingerprint"}, protocol, band=band if moved else None,
+                               band_moves=moves if moved else None, fingerprint=fingerprint))
         return out
+
+    def _outputs(self, model, seed, threads=None, batch_size=None, fingerprint=True):
+        """Quality metrics of the N samples of `seed` (and the fingerprint), optionally on another thread count or
+        sample batch size."""
+        from ..metrics.quality import quality_metrics
+        evaluator, reference = self.evaluator()
+        with measure.num_threads(threads):
+            images = self.samples(model, seed, batch_size)
+            metrics = quality_metrics(evaluator.features(images), reference)
+            prints = self._fingerprint(model, images, alone=batch_size is not None) if fingerprint else None
+        how = ", ".join(f"{k} {v}" for k, v in dict(threads=threads, sample_batch_size=batch_size).items() if v)
+        return dict(metrics=metrics, fingerprint=prints, how=how or "retrained")
+
+    def _fingerprint(self, model, images, alone=False):
+        """{group: [numbers]}: the first samples (per-image mean level and FINGERPRINT_PIXELS pixels each, uint8),
+        one forward on seeded inputs (per-sample mean and FINGERPRINT_OUTPUTS values), and FINGERPRINT_PIXELS-pixel
+        prints of 4 samples from generate() with its defaults and with each sampler. alone: the forward one sample
+        at a time and the default paths in batches of 2 (the batch perturbation)."""
+        from ..diffusion import create_diffusion
+        from ..sampling import SAMPLERS, generate, to_uint8
+        out = _image_print("samples", images[:FINGERPRINT_IMAGES])
+        g = torch.Generator().manual_seed(0)
+        n = 4
+        x = torch.randn(n, model.in_channels, model.input_size, model.input_size, generator=g).to(self.device)
+        t = torch.tensor([0, 333, 666, 999], device=self.device)
+        y = torch.arange(n, device=self.device) % model.num_classes
+        with torch.inference_mode():
+            y_out = torch.cat([model(x[i:i + 1], t[i:i + 1], y[i:i + 1]) for i in range(n)]) if alone else \
+                model(x, t, y)
+        flat = y_out.float().flatten(1).cpu()
+        picks = torch.randperm(flat.shape[1], generator=g)[:FINGERPRINT_OUTPUTS]
+        values = torch.cat([flat.mean(1, keepdim=True), flat[:, picks]], 1)  # (4, 1 + FINGERPRINT_OUTPUTS)
+        out["forward"] = [round(float(v), 7) for v in values.flatten()]
+        diffusion = create_diffusion(self.profile.sampling_steps, learn_sigma=model.learn_sigma)
+        batch = dict(batch_size=2) if alone else {}
+        for name, kwargs in [("defaults", {})] + [(f"defaults-{s}", dict(sampler=s)) for s in SAMPLERS]:
+            x0, _ = generate(model, diffusion, range(n), **kwargs, **batch)
+            out.update(_image_print(name, to_uint8(x0).numpy()))
+        return out
+
+    def _perturbations(self, model):
+        """(model, how) pairs: what differs between runners of unchanged code (gate.REPRODUCIBILITY)."""
+        other = 1 if torch.get_num_threads() > 1 else 2
+        yield model, dict(threads=other)
+        yield model, dict(batch_size=max(1, self.profile.sample_batch_size // 2))
+        origin = getattr(model, ORIGIN, None)
+        if origin and origin.get("trained"):
+            yield self._retrained(origin, other), {}
+
+    def _retrained(self, origin, threads):
+        """The same model built again, its training run again from scratch on `threads` threads (an empty cache)."""
+        import tempfile
+        from ..models import load
+        from .worker import technique_from_dict
+        previous = os.environ.get("FASTDIT_CACHE")
+        with tempfile.TemporaryDirectory(prefix="fastdit-retrain-") as cache, measure.num_threads(threads):
+            os.environ["FASTDIT_CACHE"] = cache
+            try:
+                if origin["kind"] == "checkpoint":
+                    model = load(origin["path"], map_location=self.device).eval()
+                else:
+                    model = self.paper_model(origin["variant"], origin.get("seed", 0))
+                stack = [technique_from_dict(techniques, settings) for settings in origin["stack"]]
+                return techniques.apply(model, stack, self.context(origin["variant"])).eval()
+            finally:
+                if previous is None:
+                    os.environ.pop("FASTDIT_CACHE", None)
+                else:
+                    os.environ["FASTDIT_CACHE"] = previous
 
     def cost(self, model, protocol, batch_size=1):
         """Parameters, serialized bytes, GMACs (fvcore, batch 1, split into attention / MLP / other), and the peak
@@ -440,6 +545,9 @@ class Bench:
             elif not m.extra.get("gated", True) and v.failed:
                 v.detail = f"not gated ({v.outcome}: {v.detail})"
                 v.outcome = "reported"
+            elif v.outcome == CHANGED and self.report_changed:
+                v.detail = f"not gated (--report-changed; {v.outcome}: {v.detail})"
+                v.outcome = "reported"
             verdicts.append(v)
         if self._peak is not None:
             info = dict(info, machine_peak=self._peak)
@@ -451,6 +559,10 @@ class Bench:
         # else (torch.__version__ is a str subclass, numpy scalars are not floats).
         request.node.user_properties.append((PROPERTY, json.loads(json.dumps(record, default=_plain))))
         failed = [f"{v.metric}: {v.outcome}: {v.detail}" for v in verdicts if v.outcome in FAILING]
+        # Better than the noise rule and outside the band: the outputs changed too, and the new figure is recorded
+        # on purpose, not left to pass as an unexplained gain.
+        failed += [f"{v.metric}: improved, and {v.detail}" for v in verdicts
+                   if v.outcome == IMPROVED and v.changed and not self.report_changed and not self.update]
         failed += [f"{v.metric}: regressed against the base ({self.base_label}): {v.base['detail']}"
                    for v in verdicts if v.base and v.base["outcome"] == REGRESSED]
         if failed:

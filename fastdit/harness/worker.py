@@ -94,14 +94,14 @@ def build(spec):
     model.eval()
     note = "head's starting weights"
     if spec.get("stack"):
-        stack = [_technique(techniques, settings) for settings in spec["stack"]]
+        stack = [technique_from_dict(techniques, settings) for settings in spec["stack"]]
         context = _context(techniques, spec)
         model = techniques.apply(model, stack, context).eval()
         note = _load_state(model, spec.get("state"))
     return model, note
 
 
-def _technique(techniques, settings):
+def technique_from_dict(techniques, settings):
     """The base's technique of this name with these settings (Technique.to_dict), exactly: a name the base does not
     register is new in head; a setting it does not have means the base's technique is another one."""
     from dataclasses import fields
