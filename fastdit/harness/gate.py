@@ -57,10 +57,16 @@ DEFAULT_RULES = {
 # is `factor` x the largest move, and at least the floor: a scalar metric's `relative` floor x its value, a metric
 # counted over the N samples (precision, recall) `samples` / N, and a fingerprint group's own floor (a pixel of a
 # uint8 image can flip by one level at a rounding boundary on any runner).
+# Measured on the cpu quick tier: fp32 samples are bit-identical on 1 and 2 threads and at batch 125 and 250, so
+# those rows sit at their floors, which are 11-26 x the FID drift of unchanged code on another CPU model (1e-5) and
+# under torch's other kernel paths (2.4e-5). A model trained in an earlier session moved FID up to 8 x as far as a
+# second training on another thread count does (distillation: 4.5e-5 against 5.5e-6), hence a factor of 30. Precision
+# and recall count samples near a k-NN radius: int8's FID drifted 6 x its batch move on another CPU model, so a few
+# samples may cross; 5 of 1,000 is still 7 x tighter than their 5 % noise floor.
 REPRODUCIBILITY = {
-    "factor": 10.0,
+    "factor": 30.0,
     "relative": 1e-4,
-    "samples": 2,
+    "samples": 5,
     "counted": ("precision", "recall"),
     "groups": {"pixels": 1.0, "means": 0.01, "forward": 1e-5},
 }
