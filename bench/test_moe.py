@@ -22,6 +22,7 @@ The paper's per-expert boolean-mask loop (naive dispatch) is timed beside it, an
 ratio of the MoE model over the model it replaces.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -82,13 +83,17 @@ def _trained(bench, variant, setting):
 
 
 def _quality_and_load(bench, variant, setting):
-    """Quality of the profile's samples, and the expert load recorded over the same sampling chains."""
+    """Quality of the profile's samples, and the expert load recorded over the same sampling chains: the first
+    steps x batches forwards of every layer, the N samples of seed 0 (bench.quality then runs the output fingerprint
+    and, when recording, more seeds and the reproducibility perturbations, which are not the protocol's chains)."""
     key = (variant, stack_id(setting))
     if key not in _QUALITY:
         model = _trained(bench, variant, setting)
+        p = bench.profile
+        forwards = p.sampling_steps * math.ceil(p.fid_samples / p.sample_batch_size)
         with routing_trace(model) as records:
             quality = bench.quality(model, bench.protocol(variant, setting))
-        _QUALITY[key] = quality, load_statistics(records)
+        _QUALITY[key] = quality, load_statistics({name: r[:forwards] for name, r in records.items()})
     return _QUALITY[key]
 
 
