@@ -1,6 +1,6 @@
-"""Mixture of experts (issue 10): top-k routed experts in place of DiT's MLP, with the paper's balance loss.
+"""Mixture of experts: top-k routed experts in place of DiT's MLP, with the paper's balance loss.
 
-arXiv 2509.17894's three configurations (notes/paper.md §5.5), at paper scale for cost and speed and mirrored on the
+arXiv 2509.17894's three configurations (its section 5.5), at paper scale for cost and speed and mirrored on the
 cpu zoo for quality:
 
     DiT-MoE-S/2-8E2A    8 experts, top-2, every block          zoo: MoE(8, 2, every=1) on every variant
@@ -17,7 +17,7 @@ controls (one expert = the dense MLP, trained the same steps), so an FID differe
 of the extra training.
 
 Dispatch: the paper-scale S/2-8E2A forward (sorted dispatch) against a dense S/2 with MLP ratio 8, which has the same
-active MACs, timed interleaved in one process, 1 thread: the issue's acceptance is a time ratio within 1.3x at batch 8.
+active MACs, timed interleaved in one process, 1 thread: the routed forward must stay within 1.3x of it at batch 8.
 The paper's per-expert boolean-mask loop (naive dispatch) is timed beside it, and the dense S/2 gives the throughput
 ratio of the MoE model over the model it replaces.
 """
@@ -39,7 +39,7 @@ from fastdit.techniques.moe import MoE
 
 STEPS = 200          # upcycled fine-tuning budget (steps of the profile's recipe: batch 64, seed 0)
 SCRATCH_STEPS = 300  # from-scratch budget of the full tier's scratch rows and their dense control
-DISPATCH_LIMIT = 1.3  # the issue's acceptance: MoE forward time / same-active-MACs dense forward time
+DISPATCH_LIMIT = 1.3  # the bound held: MoE forward time / same-active-MACs dense forward time
 
 SETTINGS = [
     MoE(experts=8, top_k=2, every=1, steps=STEPS),   # S/2-8E2A and XS/2-8E2A
@@ -55,7 +55,7 @@ ABLATIONS = [
     MoE(experts=8, top_k=2, every=1, init="scratch", steps=SCRATCH_STEPS, lr=1e-3),
 ]
 
-# Paper-scale configurations: (dense variant, MoE layout) and the figures computed in notes/paper.md §7.4
+# Paper-scale configurations: (dense variant, MoE layout) and the figures of its section 7.4
 # (total parameters in millions, active GMACs at batch 1), a cross-check independent of any baseline.
 PAPER = {
     "DiT-MoE-S/2-8E2A": ("DiT-S/2", MoE(experts=8, top_k=2, every=1, steps=0), 131.95, 9.70),

@@ -1,4 +1,4 @@
-"""Pruning (issue 6): does it remove compute, what does it cost in quality, and what does recovery buy back.
+"""Pruning: does it remove compute, what does it cost in quality, and what does recovery buy back.
 
 arXiv 2509.17894 masked attention heads (zeroed their weights), so its pruned models cost what the dense ones did.
 Every row here measures the pruned model against the same reference in one run: GMACs (checked against the analytic

@@ -1,4 +1,4 @@
-"""Quantization (issue 7): is the quantized DiT smaller, faster, and as good, against fp32 in the same run?
+"""Quantization: is the quantized DiT smaller, faster, and as good, against fp32 in the same run?
 
 arXiv 2509.17894 used torchao int8 weight-only on every Linear: size -73%, throughput 17-24% slower. Here every scheme
 of fastdit.techniques.quantization is measured, eager and compiled, at two scales:

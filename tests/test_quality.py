@@ -71,7 +71,7 @@ def test_domain_evaluator_separates_real_from_degraded(domain):
 
 
 def test_domain_kid_separates_real_from_degraded_by_two_orders_at_500(domain):
-    """N = 500 per side, the issue's setting. KID is unbiased, so real vs real sits at 0 (within its sampling
+    """N = 500 per side. KID is unbiased, so real vs real sits at 0 (within its sampling
     error) and blurred / noised images land two orders of magnitude away; the Fréchet distance at this N carries a
     1/N bias of about 0.5 and separates by x15 (blur) and x9 (noise) only.
 

@@ -3,7 +3,7 @@
     x (M, D) --router--> logits (M, E) --top-k--> experts idx (M, k), combine weights (M, k) (softmax over the k)
     y = sum_j weights[:, j] * expert[idx[:, j]](x)
 
-The layout follows arXiv 2509.17894's MoE (its section 5.5 in ../shared/notes/paper.md): every expert is a full-size
+The layout follows arXiv 2509.17894's MoE (its section 5.5): every expert is a full-size
 dense MLP, the router is one Linear(D -> E) with bias, top-k is taken on the logits and the combine weights are a
 softmax over the k selected logits (so they sum to 1, and with k = 1 the weight is exactly 1). The paper placed an MoE
 in every n-th block (counting from block 0) and added a balance loss; both balance forms are here:

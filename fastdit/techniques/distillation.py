@@ -13,7 +13,7 @@ L_diffusion is DiT's training loss (epsilon MSE + variational bound). L_distill 
              so that the term is scale-free and a student that outputs nothing scores 1 per block.
 
 alpha = 0 is the control: the same student, data, seed and steps with the plain diffusion loss (the paper never ran
-it). What the paper's code got wrong and this does not (notes/paper.md §5.3): the distillation term saw the clean
+it). What the paper's code got wrong and this does not (its section 5.3): the distillation term saw the clean
 x_0 instead of x_t; the student's label dropout gave the two networks different labels for ~10 % of samples; the
 student ran a second forward for the term. Here the student runs once: its output serves both terms; the teacher
 runs in eval mode without gradient on exactly the x_t, t and (dropped) labels the student saw.
