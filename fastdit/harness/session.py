@@ -258,7 +258,7 @@ class Bench:
         if self.update:
             runs += [self._outputs(model, seed, fingerprint=False)["metrics"]
                      for seed in range(1, self.calibration_seeds)]
-            moved = [self._outputs(m, 0, **how) for m, how in self._perturbations(model)]
+            moved = [dict(self._outputs(m, 0, **how), how=label) for m, how, label in self._perturbations(model)]
         out = []
         for name, value in first["metrics"].items():
             if name.endswith("_std"):
@@ -291,8 +291,7 @@ class Bench:
             images = self.samples(model, seed, batch_size)
             metrics = quality_metrics(evaluator.features(images), reference)
             prints = self._fingerprint(model, images, alone=batch_size is not None) if fingerprint else None
-        how = ", ".join(f"{k} {v}" for k, v in dict(threads=threads, sample_batch_size=batch_size).items() if v)
-        return dict(metrics=metrics, fingerprint=prints, how=how or "retrained")
+        return dict(metrics=metrics, fingerprint=prints)
 
     def _fingerprint(self, model, images, alone=False):
         """{group: [numbers]}: the first samples (per-image mean level and FINGERPRINT_PIXELS pixels each, uint8),
@@ -322,13 +321,15 @@ class Bench:
         return out
 
     def _perturbations(self, model):
-        """(model, how) pairs: what differs between runners of unchanged code (gate.REPRODUCIBILITY)."""
+        """(model, _outputs keywords, label): what differs between runners of unchanged code (gate.REPRODUCIBILITY);
+        the label names the perturbation in the baseline's band_moves."""
         other = 1 if torch.get_num_threads() > 1 else 2
-        yield model, dict(threads=other)
-        yield model, dict(batch_size=max(1, self.profile.sample_batch_size // 2))
+        yield model, dict(threads=other), f"threads {other}"
+        batch = max(1, self.profile.sample_batch_size // 2)
+        yield model, dict(batch_size=batch), f"sample_batch_size {batch}"
         origin = getattr(model, ORIGIN, None)
         if origin and origin.get("trained"):
-            yield self._retrained(origin, other), {}
+            yield self._retrained(origin, other), {}, "retrained"
 
     def _retrained(self, origin, threads):
         """The same model built again, its training run again from scratch on `threads` threads (an empty cache)."""
