@@ -172,7 +172,7 @@ def _publish(folder, stats, config, key, code):
     return model_path, dict(meta, source="trained", path=str(model_path))
 
 
-def train_cached(name, spec, make_model, config, *, loss_fn=None, device="cpu", progress=False):
+def train_cached(name, spec, make_model, config, *, loss_fn=None, device="cpu", progress=False, modules=None):
     """A model trained by a technique (fine-tuned after conversion, pruning or upcycling; a distilled student),
     trained once and cached like the zoo.
 
@@ -181,16 +181,18 @@ def train_cached(name, spec, make_model, config, *, loss_fn=None, device="cpu", 
     network (architecture and initial weights); config: the TrainConfig (steps, lr, data, seed). The cached file
     holds the EMA weights only: the architecture always comes from make_model() (its parameter shapes are part of
     the cache key), so code and weights cannot drift apart silently. The identity of the training code is in the
-    key as well: the calling technique's module, make_model's and loss_fn's, and what they import (fastdit.identity),
-    so editing a loss retrains on a warm cache too. Returns (EMA model in eval mode, info dict).
+    key as well: the technique's module (`modules`, module names; by default the caller's), make_model's and
+    loss_fn's, and what they import (fastdit.identity), so editing a loss retrains on a warm cache too. Returns (EMA
+    model in eval mode, info dict).
     """
     data = load_dataset(config.dataset, "train")
     model = make_model()
     # The starting network's architecture is part of the key too, so a change in how make_model builds it can
     # never load weights trained for another shape.
     shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    code = training_code(sys._getframe(1).f_globals.get("__name__"), getattr(make_model, "__module__", None),
-                         getattr(loss_fn, "__module__", None))
+    # Called through techniques.base.Context.finetune, the caller is the base module: the technique names its own.
+    callers = modules if modules is not None else (sys._getframe(1).f_globals.get("__name__"),)
+    code = training_code(*callers, getattr(make_model, "__module__", None), getattr(loss_fn, "__module__", None))
     key = hashlib.sha256(json.dumps(dict(name=name, spec=spec, config=config.to_dict(), data=data.fingerprint,
                                          shapes=shapes, version=TRAINING_VERSION, code=code["identity"]),
                                     sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -193,5 +193,5 @@ def test_apply_converts_without_training(tiny_dit):
         assert out.shape == ref.shape and torch.isfinite(out).all()
         if setting.kind == "gqa":   # all heads kept: the converted model is the model
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="needs a Context with the profile"):
+    with pytest.raises(ValueError, match="needs a Context with a profile and a variant"):
         SwapAttention(kind="gqa").apply(model, Context())

@@ -114,7 +114,7 @@ def test_bad_settings_say_what_to_do(tiny_dit):
         to_moe(tiny_dit(**SMALL), every=0)
     with pytest.raises(ValueError, match="balance must be one of"):
         MoE(balance="aux")
-    with pytest.raises(ValueError, match="needs a Context with the profile"):
+    with pytest.raises(ValueError, match="needs a Context with a profile and a variant"):
         MoE(steps=5).apply(tiny_dit(**SMALL), Context())
 
 

@@ -8,14 +8,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastdit.metrics.cost import gmacs_breakdown
-from fastdit.metrics.flops import count_params
+from fastdit.metrics.cost import dense_state_dict, gmacs_breakdown, sparse_size_bytes, sparse_state_dict
+from fastdit.metrics.flops import analytic_gmacs, count_params
+from fastdit.models import restructure
+from fastdit.models.attention import Attention
 from fastdit.profiles import get_profile
 from fastdit.techniques import Context, apply, parse
-from fastdit.techniques.pruning import (PrunedAttention, PruneDepth, PruneHeads, PruneMagnitude, PruneMLP, Recover,
-                                        Sparse24, analytic_gmacs, block_importance, calibration_batch,
-                                        dense_state_dict, head_scores, kept_count, linear_weights, mask_2_4,
-                                        restructure, sparse_size_bytes, sparse_state_dict, sparsity)
+from fastdit.techniques.pruning import (PruneDepth, PruneHeads, PruneMagnitude, PruneMLP, Recover, Sparse24,
+                                        block_importance, head_scores, kept_count, linear_weights, mask_2_4, sparsity)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,11 +144,12 @@ def test_heads_go_by_the_papers_score(model):
     kept = scores.argsort(descending=True)[:2].sort().values
     rows = torch.cat([p * 64 + h * 16 + torch.arange(16) for p in range(3) for h in kept])
     assert torch.equal(out.blocks[0].attn.qkv.weight, attn.qkv.weight[rows])
-    assert isinstance(out.blocks[0].attn, PrunedAttention) and out.blocks[0].attn.num_heads == 2
+    assert isinstance(out.blocks[0].attn, Attention) and out.blocks[0].attn.num_heads == 2
+    assert out.blocks[0].attn.head_dim == 16 and out.blocks[0].attn.proj.in_features == 32
 
 
 def test_depth_pruning_drops_the_blocks_that_matter_least(model):
-    batch = calibration_batch(model, None, 8)
+    batch = Context().calibration_batch(model, 8)
     scores = block_importance(model, batch)
     out = pruned(model, PruneDepth(2))
     assert len(out.blocks) == 2
@@ -161,9 +162,9 @@ def test_depth_pruning_drops_the_blocks_that_matter_least(model):
 def test_calibration_uses_the_profile_data_when_it_fits(tiny_dit):
     profile = dataclasses.replace(get_profile("cpu"), dataset="digits", image_size=8)
     m = tiny_dit(**SMALL, depth=1)
-    x, t, y = calibration_batch(m, Context(profile=profile), 16)
+    x, t, y = Context(profile=profile).calibration_batch(m, 16)
     assert x.shape == (16, 1, 8, 8) and int(y.max()) < 10 and t.shape == (16,)
-    assert not torch.equal(x, calibration_batch(m, None, 16)[0])
+    assert not torch.equal(x, Context().calibration_batch(m, 16)[0])
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -182,7 +183,7 @@ def test_bad_settings_say_what_to_do(model):
         pruned(model, PruneHeads(5))
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         pruned(model, PruneMagnitude(1.0))
-    with pytest.raises(ValueError, match="Context with profile and variant"):
+    with pytest.raises(ValueError, match=r"recover\[steps=1,lr=0.0003\] trains on a profile's data"):
         pruned(model, Recover(steps=1))
     other = copy.deepcopy(model)
     other.blocks[0].mlp = torch.nn.Identity()

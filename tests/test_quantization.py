@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fastdit.harness.gate import DEFAULT_RULES, REGRESSED, Measurement, judge
 from fastdit.metrics.cost import model_size_bytes
-from fastdit.techniques import parse
+from fastdit.techniques import parse, select_layers
 from fastdit.techniques import quantization as q
 from fastdit.techniques.quantization import Quantize
 
@@ -34,11 +34,11 @@ def test_ids_parse_and_bad_settings():
 
 def test_layer_choice(tiny_dit):
     model = tiny_dit()
-    every = q.select_layers(model, "all")
+    every = select_layers(model, "all")
     assert len(every) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    blocks = q.select_layers(model, "blocks")
+    blocks = select_layers(model, "blocks")
     assert all(n.startswith("blocks.") for n in blocks) and "blocks.0.adaLN_modulation.1" in blocks
-    core = q.select_layers(model, "attn-mlp")
+    core = select_layers(model, "attn-mlp")
     assert core == [n for n in blocks if ".attn." in n or ".mlp." in n] and len(core) == 4 * len(model.blocks)
     assert "final_layer.linear" in every and "final_layer.linear" not in blocks
 
@@ -59,7 +59,7 @@ def test_cpu_schemes(tiny_dit, one_thread, scheme, layers):
     reference = tiny_dit(hidden_size=128, num_heads=4)
     model = Quantize(scheme, layers).apply(tiny_dit(hidden_size=128, num_heads=4))
     q.check_quantized(model, Quantize(scheme, layers))
-    assert model.quantization["quantized"] == q.select_layers(reference, layers)
+    assert model.quantization["quantized"] == select_layers(reference, layers)
     x, t, y = _inputs(reference)
     with torch.no_grad():
         want, got = reference(x, t, y), model(x, t, y)

@@ -182,3 +182,29 @@ def test_committed_weights_of_changed_training_code_are_used_and_reported(tiny_p
     assert [e["kind"] for e in told] == ["stale"]
     assert "fastdit/diffusion.py changed" in told[0]["detail"]
     assert "fastdit zoo --profile tiny --export" in told[0]["detail"]
+
+
+def test_the_training_code_is_the_callers_module_or_the_named_ones(monkeypatch):
+    """A technique that trains through techniques.base.Context.finetune names its own module: editing it retrains,
+    though the call to train_cached comes from the base module."""
+    from fastdit.models import create_model
+    cfg = TrainConfig(**TINY, steps=2)
+    asked = []
+
+    class Asked(Exception):
+        pass
+
+    def training_code(*modules):
+        asked.append(modules)
+        raise Asked  # the code's identity is all this test needs: nothing is trained
+
+    monkeypatch.setattr(zoo, "training_code", training_code)
+
+    def make_model():
+        return create_model("DiT-mXS/4", input_size=8, in_channels=1, num_classes=10, depth=1)
+
+    for kwargs in (dict(), dict(modules=("fastdit.techniques.pruning",))):
+        with pytest.raises(Asked):
+            zoo.train_cached("test-technique", {}, make_model, cfg, **kwargs)
+    assert asked[0][0] == __name__ and asked[1][0] == "fastdit.techniques.pruning"
+    assert asked[0][1:] == asked[1][1:] == (__name__, None)  # make_model's and loss_fn's modules

@@ -5,14 +5,22 @@ masks are extra state that a parameter count misses. Timings are medians of many
 ratios come from variants timed interleaved in one process, with a bootstrap CI and a rank test, so that a ratio is
 reported with the evidence for it. machine_peak measures what this machine can do at best (matmul rate, copy
 bandwidth), so that every throughput can be read as a fraction of that limit.
+
+A pruned model whose weights are zeroed rather than removed is stored sparse: sparse_state_dict keeps each Linear
+weight in whichever of dense and CSR is smaller, and sparse_size_bytes is what that file costs.
 """
+from __future__ import annotations
+
 import io
 import platform
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 from scipy.stats import mannwhitneyu
 
 from .flops import analyze, example_inputs
@@ -32,14 +40,14 @@ COPY_BYTES = 1 << 27
 # -----------------------------------------------------------------------------
 # size and GMACs
 
-def model_size_bytes(model):
+def model_size_bytes(model: nn.Module) -> int:
     """Bytes of torch.save(model.state_dict()): what a checkpoint really costs, whatever the tensors claim."""
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
 
 
-def gmacs_breakdown(model, batch_size=1):
+def gmacs_breakdown(model: nn.Module, batch_size: int = 1) -> dict[str, float]:
     """GMACs of one forward, split into transformer attention, transformer MLP and everything else.
 
     by_module counts are inclusive (blocks.0.attn already holds its qkv, proj and SDPA), so only the block-level
@@ -58,6 +66,53 @@ def gmacs_breakdown(model, batch_size=1):
 
 
 # -----------------------------------------------------------------------------
+# sparse storage
+
+def sparse_state_dict(model: nn.Module) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """The state dict with every 2-D Linear weight stored in whichever of dense and CSR is smaller. CSR keeps row
+    pointers (int32), column indices (int16 when the width allows, else int32) and the nonzero values; it pays 6
+    bytes per nonzero against 4 per dense entry, so it wins beyond a third of zeros."""
+    out = {}
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu()
+        if name in linear and t.dim() == 2:
+            nonzero = t != 0                                                    # (out, in)
+            col_dtype = torch.int16 if t.shape[1] - 1 <= torch.iinfo(torch.int16).max else torch.int32
+            crow = torch.cat([torch.zeros(1, dtype=torch.int64), nonzero.sum(1).cumsum(0)])  # (out + 1,)
+            entry = dict(shape=torch.tensor(t.shape), crow=crow.to(torch.int32),
+                         col=nonzero.nonzero()[:, 1].to(col_dtype), values=t[nonzero])  # row-major order
+            csr_bytes = sum(v.numel() * v.element_size() for v in entry.values())
+            if csr_bytes < t.numel() * t.element_size():
+                out[name] = entry
+                continue
+        out[name] = t
+    return out
+
+
+def dense_state_dict(sparse: Mapping[str, torch.Tensor | dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Inverse of sparse_state_dict: a plain state dict that load_state_dict (after models.restructure) accepts."""
+    out = {}
+    for name, v in sparse.items():
+        if isinstance(v, dict):
+            shape = tuple(v["shape"].tolist())
+            rows = torch.repeat_interleave(torch.arange(shape[0]), v["crow"].long().diff())  # row of each value
+            dense = torch.zeros(shape, dtype=v["values"].dtype)
+            dense[rows, v["col"].long()] = v["values"]
+            out[name] = dense
+        else:
+            out[name] = v
+    return out
+
+
+def sparse_size_bytes(model: nn.Module) -> int:
+    """Bytes of torch.save(sparse_state_dict(model)): the checkpoint size of the sparse storage format."""
+    buffer = io.BytesIO()
+    torch.save(sparse_state_dict(model), buffer)
+    return buffer.getbuffer().nbytes
+
+
+# -----------------------------------------------------------------------------
 # timing
 
 @dataclass
@@ -72,18 +127,19 @@ class Timing:
     samples: list[float]
 
     @classmethod
-    def from_samples(cls, samples):
+    def from_samples(cls, samples: list[float]) -> Timing:
         s = np.asarray(samples, dtype=np.float64)
         q1, median, q3 = np.percentile(s, [25, 50, 75])
         return cls(median_s=float(median), iqr_s=float(q3 - q1), mean_s=float(s.mean()),
                    stdev_s=float(s.std(ddof=1)) if len(s) > 1 else 0.0, min_s=float(s.min()), rounds=len(s),
                    samples=[float(x) for x in s])
 
-    def per_second(self, items=1):
+    def per_second(self, items: int = 1) -> float:
         return items / self.median_s
 
 
-def time_fn(fn, *, device, warmup=3, rounds=20, min_time_s=0.0, threads=None):
+def time_fn(fn: Callable[[], Any], *, device: str, warmup: int = 3, rounds: int = 20, min_time_s: float = 0.0,
+            threads: int | None = None) -> Timing:
     """Time fn() after `warmup` untimed calls (compilation, autotuning, caches), for at least `rounds` calls and
     until the timed calls add up to min_time_s."""
     with num_threads(threads):
@@ -99,7 +155,7 @@ class SelfTimed:
     """A variant of time_interleaved that times itself somewhere else (the base revision's worker process): calling
     run() performs one call there and returns its seconds, so the transport is never inside the timing."""
 
-    def __init__(self, run):
+    def __init__(self, run: Callable[[], float]):
         self.run = run
 
 
@@ -107,7 +163,8 @@ def _one_round(fn, device):
     return fn.run() if isinstance(fn, SelfTimed) else timed_call(fn, device)
 
 
-def time_interleaved(fns, *, device, warmup=3, rounds=20, threads=None):
+def time_interleaved(fns: Mapping[str, Callable[[], Any] | SelfTimed], *, device: str, warmup: int = 3,
+                     rounds: int = 20, threads: int | None = None) -> dict[str, Timing]:
     """Time several variants round by round, so that drift in clock speed or background load hits every variant
     alike; speed ratios are computed from these. Each round calls every variant once, starting one variant further
     on each round (a b, b a, ... for two), so no variant always runs right after the same other one and inherits its
@@ -126,7 +183,7 @@ def time_interleaved(fns, *, device, warmup=3, rounds=20, threads=None):
     return {name: Timing.from_samples(samples[name]) for name in names}
 
 
-def prepare_mode(model, mode):
+def prepare_mode(model: nn.Module, mode: str) -> Callable[..., Any]:
     """The model as it will run: "eager", or "compile" (torch.compile; its warm-up calls pay the compilation)."""
     if mode == "eager":
         return model
@@ -135,7 +192,8 @@ def prepare_mode(model, mode):
     raise ValueError(f"unknown execution mode {mode!r}; use eager or compile")
 
 
-def forward_throughput(model, batch_size=1, *, device, mode="eager", warmup=3, rounds=20, threads=None):
+def forward_throughput(model: nn.Module, batch_size: int = 1, *, device: str, mode: str = "eager", warmup: int = 3,
+                       rounds: int = 20, threads: int | None = None) -> dict[str, Any]:
     """One denoising step: forwards/s (what arXiv 2509.17894 called "image/s" at batch 1) and images/s.
 
     Inputs are the seeded example_inputs; gradients are off (inference_mode).
@@ -148,7 +206,7 @@ def forward_throughput(model, batch_size=1, *, device, mode="eager", warmup=3, r
                 images_per_s=timing.per_second(batch_size), timing=timing)
 
 
-def speedup(reference, candidate, n_boot=2000, seed=0):
+def speedup(reference: Timing, candidate: Timing, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """How much faster `candidate` is than `reference` (ratio of medians, > 1 is faster), with a 95% bootstrap CI of
     that ratio and the two-sided Mann-Whitney U p-value that the two sample sets come from one distribution."""
     ref, cand = np.asarray(reference.samples), np.asarray(candidate.samples)
@@ -164,7 +222,7 @@ def speedup(reference, candidate, n_boot=2000, seed=0):
 # -----------------------------------------------------------------------------
 # the machine
 
-def cpu_name():
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -175,11 +233,11 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def device_name(device):
+def device_name(device: str | torch.device) -> str:
     return torch.cuda.get_device_name(device) if is_cuda(device) else cpu_name()
 
 
-def best_rate(fn, work, device, seconds):
+def best_rate(fn: Callable[[], Any], work: float, device: str, seconds: float) -> float:
     """Highest `work` per second that fn achieves. Calls are batched into rounds of about seconds/10, because a single
     fast call (a 1024^3 matmul on a GPU) would mostly time the launch; the fastest round is the peak, slower rounds
     are interference from other jobs."""
@@ -194,7 +252,7 @@ def best_rate(fn, work, device, seconds):
     return work * calls / timing.min_s
 
 
-def machine_peak(device, size=1024, seconds=1.0):
+def machine_peak(device: str, size: int = 1024, seconds: float = 1.0) -> dict[str, Any]:
     """Measured best matmul rate (GFLOP/s, 2*size^3 flops per matmul) and copy bandwidth (GB/s, bytes read + written)
     at the current thread count. fp32 on CUDA follows torch's TF32 setting (off by default), as a model would."""
     cuda = is_cuda(device)
@@ -214,7 +272,7 @@ def machine_peak(device, size=1024, seconds=1.0):
     return result
 
 
-def describe_device(device):
+def describe_device(device: str | torch.device) -> dict[str, Any]:
     """A fingerprint of the machine a number was measured on; GPU memory in GiB (2^30 bytes)."""
     cuda = is_cuda(device)
     props = torch.cuda.get_device_properties(device) if cuda else None

@@ -12,6 +12,8 @@ Weights live in fastdit/weights/evaluators/<data set>-<size>.pt with their sha25
 them in MANIFEST.json; retraining is an explicit, versioned event (new sha256 -> new reference statistics). Numbers
 from this evaluator are not FID and are never compared with Inception numbers.
 """
+from __future__ import annotations
+
 import json
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ SPATIAL_CHANNELS = 4
 class DomainNet(nn.Module):
     """3 convs (GroupNorm, ReLU), global average pool, linear head. Input (N, C, S, S) in [-1, 1]."""
 
-    def __init__(self, in_channels=1, num_classes=10, width=32):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):
         super().__init__()
         self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width)
         self.block1 = _conv_block(in_channels, width, stride=1)        # (N, w, S, S)
@@ -39,12 +41,12 @@ class DomainNet(nn.Module):
         self.block3 = _conv_block(2 * width, 4 * width, stride=2)      # (N, 4w, S/4, S/4)
         self.head = nn.Linear(4 * width, num_classes)
 
-    def features(self, x):
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h2 = self.block2(self.block1(x))
         pool = self.block3(h2).mean(dim=(2, 3))                       # (N, 4w)
         return dict(pool=pool, spatial=h2[:, :SPATIAL_CHANNELS].flatten(1), logits=self.head(pool))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)["logits"]
 
 
@@ -52,7 +54,7 @@ def _conv_block(cin, cout, stride):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.ReLU())
 
 
-def to_input(images_uint8, image_size, in_channels):
+def to_input(images_uint8: np.ndarray | torch.Tensor, image_size: int, in_channels: int) -> torch.Tensor:
     """uint8 images (N, H, W, C) or (N, C, H, W) tensors -> the network's (N, in_channels, S, S) float input."""
     from ..data import prepare
     x = torch.as_tensor(np.asarray(images_uint8))
@@ -68,12 +70,12 @@ def to_input(images_uint8, image_size, in_channels):
 #                              Training and storage                             #
 #################################################################################
 
-def evaluator_name(dataset, image_size):
+def evaluator_name(dataset: str, image_size: int) -> str:
     return f"{dataset}-{image_size}"
 
 
-def train_classifier(dataset="fashion-mnist", image_size=16, epochs=4, batch_size=128, lr=2e-3, seed=0,
-                     progress=True):
+def train_classifier(dataset: str = "fashion-mnist", image_size: int = 16, epochs: int = 4, batch_size: int = 128,
+                     lr: float = 2e-3, seed: int = 0, progress: bool = True) -> tuple[DomainNet, float, float]:
     """Train a DomainNet on the data set's train split; returns (model, test accuracy, seconds)."""
     from tqdm.auto import tqdm
 
@@ -105,13 +107,14 @@ def train_classifier(dataset="fashion-mnist", image_size=16, epochs=4, batch_siz
 
 
 @torch.no_grad()
-def accuracy(model, x, y, batch_size=1000):
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     hits = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
                for i in range(0, len(x), batch_size))
     return hits / len(x)
 
 
-def save_classifier(model, dataset, image_size, test_accuracy, seconds, folder=WEIGHTS):
+def save_classifier(model: DomainNet, dataset: str, image_size: int, test_accuracy: float, seconds: float,
+                    folder: str | Path = WEIGHTS) -> Path:
     """Write <dataset>-<size>.pt and its MANIFEST.json entry (sha256, accuracy, the command that made it)."""
     name = evaluator_name(dataset, image_size)
     path = Path(folder) / f"{name}.pt"
@@ -126,7 +129,7 @@ def save_classifier(model, dataset, image_size, test_accuracy, seconds, folder=W
     return path
 
 
-def load_classifier(dataset, image_size, folder=WEIGHTS):
+def load_classifier(dataset: str, image_size: int, folder: str | Path = WEIGHTS) -> tuple[DomainNet, str]:
     """The committed classifier for (dataset, image_size), verified against its manifest sha256."""
     name = evaluator_name(dataset, image_size)
     manifest_path = Path(folder) / "MANIFEST.json"
@@ -148,7 +151,7 @@ def load_classifier(dataset, image_size, folder=WEIGHTS):
 #                             torch-fidelity extractor                          #
 #################################################################################
 
-def register(dataset, image_size):
+def register(dataset: str, image_size: int) -> str:
     """Register the evaluator with torch-fidelity as "fastdit-domain-<dataset>-<size>"; returns that name.
 
     Then torch_fidelity.calculate_metrics(..., feature_extractor=name) computes FID/KID/PRC (feature "pool"),

@@ -4,12 +4,22 @@ fvcore traces the model and counts one fused multiply-add as one flop, LayerNorm
 and skips element-wise ops (activations, modulation, gating), exactly as the DiT paper's "Gflops" and arXiv 2509.17894's
 "GFLOPS" were measured. fvcore has no rule for fused scaled_dot_product_attention and would silently drop the
 attention matmuls, so a handle for it is registered here.
+
+`analytic_gmacs` gives the same count from the layer shapes alone, without tracing: the check that a pruned network
+(heads, MLP channels or blocks removed) costs what its shapes say.
 """
+from __future__ import annotations
+
 import logging
 import math
 import warnings
+from typing import Any
 
 import torch
+import torch.nn as nn
+
+from ..models.attention import Attention
+from ..models.mlp import Mlp
 
 with warnings.catch_warnings():
     # fvcore scripts a focal loss at import time, which torch >= 2.10 flags as deprecated; nothing of ours uses it.
@@ -26,13 +36,13 @@ UNCOUNTED_OPS = {
 }
 
 
-def sdpa_flop_jit(inputs, outputs):
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     """MACs of softmax(q k^T) v: q (..., L, E), k (..., S, E), v (..., S, Ev) -> prod(...) * L * S * (E + Ev)."""
     q, k, v = (get_shape(x) for x in inputs[:3])
     return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-def flop_analysis(model, inputs):
+def flop_analysis(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> FlopCountAnalysis:
     """An fvcore FlopCountAnalysis of model(*inputs) with attention counted; raises if an unknown op is skipped."""
     fca = FlopCountAnalysis(model, inputs)
     fca.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
@@ -47,7 +57,8 @@ def flop_analysis(model, inputs):
     return fca
 
 
-def example_inputs(model, batch_size=1, device=None):
+def example_inputs(model: nn.Module, batch_size: int = 1,
+                   device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seeded (x, t, y) shaped for `model`: the profiler input of arXiv 2509.17894 (t < 500, random label)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, model.in_channels, model.input_size, model.input_size, generator=g)
@@ -58,7 +69,7 @@ def example_inputs(model, batch_size=1, device=None):
 
 
 @torch.no_grad()
-def analyze(model, batch_size=1):
+def analyze(model: nn.Module, batch_size: int = 1) -> FlopCountAnalysis:
     """flop_analysis of one eval-mode forward at `batch_size` on example_inputs; the model's mode is restored."""
     was_training = model.training
     model.eval()
@@ -70,11 +81,40 @@ def analyze(model, batch_size=1):
         model.train(was_training)
 
 
-def count_gmacs(model, batch_size=1):
+def count_gmacs(model: nn.Module, batch_size: int = 1) -> float:
     """GMACs of one forward pass at `batch_size` (the paper's "GFLOPs")."""
     return analyze(model, batch_size).total() / 1e9
 
 
-def count_params(model):
+def count_params(model: nn.Module) -> int:
     """All parameters, the frozen pos_embed included (as the paper and DiT's logs count them)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def analytic_gmacs(model: nn.Module, batch_size: int = 1) -> dict[str, float]:
+    """GMACs of one forward from the layer shapes alone, in fvcore's convention (one multiply-add = 1, LayerNorm
+    without affine = 4 per element, element-wise work free), split like fastdit.metrics.cost.gmacs_breakdown.
+
+    Per block with T tokens, width D, H' heads of hd (inner = H' * hd) and MLP hidden h:
+    attention = T*D*3*inner (qkv) + 2*T*T*inner (q k^T and p v) + T*inner*D (proj); MLP = 2*T*D*h."""
+    T = (model.input_size // model.patch_size) ** 2
+    conv = model.x_embedder.proj
+    D = conv.out_channels
+    other = T * D * conv.in_channels * model.patch_size ** 2                    # patch embedding
+    other += sum(m.in_features * m.out_features for m in model.t_embedder.mlp if isinstance(m, nn.Linear))
+    attention = mlp = 0
+    for i, block in enumerate(model.blocks):
+        if not (isinstance(block.attn, Attention) and isinstance(block.mlp, Mlp)):
+            raise TypeError(f"analytic_gmacs counts 'mha' attention and the 'mlp' feed-forward; block {i} has "
+                            f"{type(block.attn).__name__} and {type(block.mlp).__name__}: use count_gmacs (fvcore)")
+        inner = block.attn.qkv.out_features // 3
+        attention += T * D * 3 * inner + 2 * T * T * inner + T * inner * block.attn.proj.out_features
+        mlp += T * (block.mlp.fc1.in_features * block.mlp.fc1.out_features
+                    + block.mlp.fc2.in_features * block.mlp.fc2.out_features)
+        ada = block.adaLN_modulation[-1]
+        other += 2 * 4 * T * D + ada.in_features * ada.out_features              # two LayerNorms, adaLN
+    final = model.final_layer
+    other += 4 * T * D + final.adaLN_modulation[-1].in_features * final.adaLN_modulation[-1].out_features
+    other += T * final.linear.in_features * final.linear.out_features
+    total = attention + mlp + other
+    return {k: batch_size * v / 1e9 for k, v in dict(total=total, attention=attention, mlp=mlp, other=other).items()}

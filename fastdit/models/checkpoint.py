@@ -9,6 +9,10 @@ model's constructor config and variant name, so `load` can rebuild the architect
 * a diffusers `DiTTransformer2DModel` folder (config.json + diffusion_pytorch_model.safetensors or .bin), or
   a pipeline folder holding one under transformer/. Its weights are renamed by `convert_diffusers_state_dict`.
 
+`restructure(fresh_model, state_dict)` loads a pruned model (heads, MLP channels or blocks removed, so the shapes no
+longer follow model.config) into a fresh model of the variant it came from, rebuilding the per-block shapes from the
+tensors.
+
 Files are read with torch.load(weights_only=True) only; the single class allowed beyond plain data is
 argparse.Namespace, which the official training script stores under "args".
 
@@ -43,6 +47,8 @@ Facts about diffusers' DiT port (diffusers 0.42 source) that the conversion reli
    variance (3e-7 on the outputs of the tests' small model, which matches diffusers bit for bit when
    norm_eps is 1e-6).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import math
@@ -52,9 +58,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from ..files import atomic_write
+from .attention import Attention
 from .dit import DiT, get_2d_sincos_pos_embed
+from .mlp import Mlp
 from .variants import VARIANTS, create_model, find_variant, variant_config
 
 # Key prefixes that wrappers add to a state dict: DistributedDataParallel / accelerate, and torch.compile.
@@ -95,7 +104,9 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_
 #                                      Saving                                   #
 #################################################################################
 
-def save_checkpoint(path, model, *, ema=None, opt=None, args=None, step=None, variant=None):
+def save_checkpoint(path: str | Path, model: nn.Module, *, ema: nn.Module | None = None,
+                    opt: torch.optim.Optimizer | None = None, args: Mapping | argparse.Namespace | None = None,
+                    step: int | None = None, variant: str | None = None) -> None:
     """Write {"model", "ema", "opt", "args", "config", "variant", "step"} to `path` atomically.
 
     "ema" holds the EMA model's weights, or the model's own when `ema` is None, so sampling code can always
@@ -162,7 +173,8 @@ def _check_plain(value, where):
 #                                      Loading                                  #
 #################################################################################
 
-def load(path, variant=None, *, num_heads=None, use_ema=True, diffusers_timesteps=False, map_location="cpu"):
+def load(path: str | Path, variant: str | None = None, *, num_heads: int | None = None, use_ema: bool = True,
+         diffusers_timesteps: bool = False, map_location: str | torch.device = "cpu") -> DiT:
     """A DiT from a fastdit, official DiT or diffusers checkpoint: in eval mode, weights loaded strictly.
 
     path: a .pt file or a diffusers folder (see the module docstring).
@@ -192,6 +204,34 @@ def load(path, variant=None, *, num_heads=None, use_ema=True, diffusers_timestep
     _check_shapes(state_dict, model, path, name)
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def restructure(model: DiT, state_dict: Mapping[str, torch.Tensor]) -> DiT:
+    """Shrink a fresh model of the same variant to the per-block shapes in `state_dict` (blocks, heads, MLP widths)
+    and load it: how a pruned model comes back from its saved state dict.
+
+    A model whose heads, MLP channels or blocks were removed no longer matches model.config (the shapes differ per
+    block), so it is saved as a plain state_dict; the shapes are read back from the tensors here."""
+    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
+    if depth > len(model.blocks):
+        raise ValueError(f"the state dict has {depth} blocks, the model only {len(model.blocks)}: build the model "
+                         "of the variant the pruned one came from")
+    model.blocks = nn.ModuleList(model.blocks[:depth])
+    for i, block in enumerate(model.blocks):
+        if not (isinstance(block.attn, Attention) and isinstance(block.mlp, Mlp)):
+            raise TypeError(f"restructure rebuilds blocks of 'mha' attention and the 'mlp' feed-forward; block {i} "
+                            f"has {type(block.attn).__name__} and {type(block.mlp).__name__}")
+        D, hd = block.attn.proj.out_features, block.attn.head_dim
+        inner = state_dict[f"blocks.{i}.attn.qkv.weight"].shape[0] // 3          # H' * hd
+        if inner % hd:
+            raise ValueError(f"block {i}: qkv has {3 * inner} rows, not a whole number of {hd}-wide heads")
+        if inner != block.attn.qkv.out_features // 3:
+            block.attn = Attention(D, inner // hd, head_dim=hd, qkv_bias=f"blocks.{i}.attn.qkv.bias" in state_dict)
+        hidden = state_dict[f"blocks.{i}.mlp.fc1.weight"].shape[0]
+        if hidden != block.mlp.fc1.out_features:
+            block.mlp = Mlp(D, hidden)
+    model.load_state_dict(state_dict)
+    return model
 
 
 def _read_checkpoint_file(path, use_ema, map_location):

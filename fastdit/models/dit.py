@@ -13,7 +13,10 @@ blocks.i.adaLN_modulation, final_layer, ...), so official weights load without r
 References: DiT https://arxiv.org/abs/2212.09748; MAE sin-cos position embedding https://arxiv.org/abs/2111.06377;
 GLIDE timestep embedding https://arxiv.org/abs/2112.10741.
 """
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,21 +148,21 @@ class DiT(nn.Module):
 
     def __init__(
         self,
-        input_size=32,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=1152,
-        depth=28,
-        num_heads=16,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.1,
-        num_classes=1000,
-        learn_sigma=True,
-        attn="mha",
-        attn_kwargs=None,
-        mlp="mlp",
-        mlp_kwargs=None,
-        freq_shift=0,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        attn: str = "mha",
+        attn_kwargs: dict[str, Any] | None = None,
+        mlp: str = "mlp",
+        mlp_kwargs: dict[str, Any] | None = None,
+        freq_shift: int = 0,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -237,7 +240,7 @@ class DiT(nn.Module):
         x = x.permute(0, 5, 1, 3, 2, 4)                              # (N, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) noised input; t: (N,) integer timesteps; y: (N,) labels. Returns (N, out_channels, H, W)."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
@@ -249,7 +252,8 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)  # (N, T, p*p*out)
         return self.unpatchify(x)  # (N, out, H, W)
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guided_channels: int | None = None) -> torch.Tensor:
         """Classifier-free guidance: eps = eps_u + s * (eps_c - eps_u), for the conditional batch (x, t, y).
 
         The null-label forward runs on the same x in one doubled batch. By default every latent channel is guided

@@ -4,9 +4,13 @@ A variant fixes the transformer (depth, width, heads, patch); the data it runs o
 stays a parameter of `create_model`, because the same DiT-S/2 runs on 32x32x4 ImageNet latents or on
 28x28x1 Fashion-MNIST pixels.
 """
+from __future__ import annotations
+
+from typing import Any
+
 from .dit import DiT
 
-VARIANTS = {}
+VARIANTS: dict[str, dict[str, Any]] = {}
 
 _SIZES = {  # name: (depth, hidden_size, num_heads)
     "XL": (28, 1152, 16),
@@ -17,7 +21,8 @@ _SIZES = {  # name: (depth, hidden_size, num_heads)
 }
 
 
-def register_variant(name, *, depth, hidden_size, num_heads, patch_size, description="", **arch):
+def register_variant(name: str, *, depth: int, hidden_size: int, num_heads: int, patch_size: int,
+                     description: str = "", **arch: Any) -> None:
     """Add a named architecture. `arch` may fix further DiT arguments (mlp_ratio, attn, mlp, ...)."""
     if name in VARIANTS:
         raise ValueError(f"variant {name!r} is already registered")
@@ -42,7 +47,7 @@ for _patch in (2, 4):
                      description="fastdit: CPU-scale mirror of DiT-XS")
 
 
-def variant_config(name):
+def variant_config(name: str) -> dict[str, Any]:
     """The architecture arguments of a registered variant (without its description)."""
     if name not in VARIANTS:
         raise KeyError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}. "
@@ -51,14 +56,15 @@ def variant_config(name):
     return {k: v for k, v in VARIANTS[name].items() if k != "description"}
 
 
-def create_model(name, *, input_size=32, in_channels=4, num_classes=1000, **overrides):
+def create_model(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+                 **overrides: Any) -> DiT:
     """Build a registered variant for the given data shape; `overrides` replace any architecture argument."""
     arch = variant_config(name)
     arch.update(overrides)
     return DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **arch)
 
 
-def find_variant(config):
+def find_variant(config: dict[str, Any]) -> str | None:
     """The registered name whose architecture matches a model config, or None."""
     for name in VARIANTS:
         arch = variant_config(name)

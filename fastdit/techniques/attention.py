@@ -5,7 +5,7 @@
 
 Two ways to get the new model:
 - "convert" (default): the new architecture takes every weight of the given (trained) model that carries over, then
-  fine-tunes for `steps` through fastdit.zoo.train_cached (cached: a second run reuses the first one's result).
+  fine-tunes for `steps` through Context.finetune (cached: a second run reuses the first one's result).
   q, k, v and proj copy where shapes agree; grouped-query variants mean-pool each group's key and value heads
   (Ainslie et al. 2023); the shallow variant takes the best low-rank factorization (truncated SVD) of each head's
   q-k and v-proj products; new parts (depthwise convs, position biases) start at zero, so they add nothing until
@@ -13,15 +13,13 @@ Two ways to get the new model:
 - "scratch": arXiv 2509.17894's way, a fresh network of the new architecture trained for `steps` with the profile's
   recipe (the zoo trains its references for 1,500 steps on the cpu profile).
 """
-import hashlib
-import io
 from dataclasses import dataclass, fields
 
 import torch
 
 from ..models import attention_variants  # noqa: F401  (registers the variants' names)
 from ..models.dit import DiT
-from . import Technique, _text, register_technique
+from .base import Context, Technique, _text, register_technique
 
 # The settings each kind takes (beyond kind, init and steps); the others must stay at their defaults.
 KIND_SETTINGS = {
@@ -31,8 +29,10 @@ KIND_SETTINGS = {
     "focused": ("kv_heads", "power", "normalizer"),
 }
 INITS = ("convert", "scratch")
-# Fine-tuning after conversion: the profile's recipe with a shorter warm-up, so a 200-step budget is not mostly
-# warm-up (the profile's 100 steps are sized for a 1,500-step run from scratch).
+# Fine-tuning after conversion: the profile's recipe with at most 20 warm-up steps, so a 200-step budget is not mostly
+# warm-up (the profile's 100 steps are sized for a 1,500-step run from scratch). A fixed cap, not Context.finetune's
+# "finetune" rule (a tenth of the steps): the two agree at the default 200 steps, and the cap keeps every other budget
+# training exactly as it always has.
 FINETUNE_WARMUP = 20
 
 
@@ -86,31 +86,42 @@ class SwapAttention(Technique):
         if model.config.get("attn", "mha") != "mha":
             raise ValueError(f"swap-attention converts standard multi-head attention; this model already uses "
                              f"{model.config['attn']!r}")
-        seed = context.seed if context else 0
+        context = context or Context()
+        seed = context.seed
         if self.steps == 0:
             return self.build(model, seed)
-        if context is None or context.profile is None or context.variant is None:
-            raise ValueError(f"{self.id} trains for {self.steps} steps, which needs a Context with the profile and "
-                             "the variant (bench.apply gives one); use steps=0 for the untrained conversion")
-        profile = context.profile
-        overrides = dict(steps=self.steps, model_kwargs=dict(attn=self.kind, attn_kwargs=self.attn_kwargs()))
-        if self.init == "convert":
-            overrides["warmup_steps"] = min(FINETUNE_WARMUP, profile.train.get("warmup_steps", 0))
-        config = profile.train_config(context.variant, **overrides)
-        # What the result depends on beyond the training config: the settings and the starting weights.
-        spec = dict(technique=self.to_dict(), start=state_digest(model) if self.init == "convert" else None,
-                    architecture=model.config, seed=seed)
-        from ..zoo import train_cached
-        trained, _ = train_cached(self.name, spec, lambda: self.build(model, seed).cpu(), config,
-                                  device=context.device, progress=context.progress)
+        # What the result depends on beyond the training config: the settings, the architecture, the starting
+        # weights (Context.finetune adds them) and the seed of the fresh parts.
+        spec = dict(technique=self.to_dict(), architecture=model.config, seed=seed)
+        convert = self.init == "convert"
+        trained, _ = context.finetune(
+            self, spec, lambda: self.build(model, seed).cpu(), start=model if convert else None, steps=self.steps,
+            warmup=FINETUNE_WARMUP if convert else "profile",
+            model_kwargs=dict(attn=self.kind, attn_kwargs=self.attn_kwargs()))
         return trained
 
-
-def state_digest(model):
-    """sha256 of the serialized state_dict: identifies the weights a conversion starts from."""
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()[:20]
+    @property
+    def label(self):
+        name = {"gqa": "GQA attention", "mediated": "mediated attention", "shallow": "shallow attention",
+                "focused": "focused linear attention"}[self.kind]
+        words = [name]
+        if self.kind in ("gqa", "focused"):
+            words.append(f"{self.kv_heads} kv head{'s' if self.kv_heads != 1 else ''}")
+        if self.kind == "mediated":
+            words.append(f"{self.mediators} mediators" + (" with position bias" if self.position_bias else ""))
+        if self.kind == "shallow":
+            words.append(f"q, k, v width / {self.compression}")
+        if self.kind == "focused" and self.power != 3:
+            words.append(f"power {self.power}")
+        if self.kind == "focused" and not self.normalizer:
+            words.append("no normalizer")
+        if self.steps == 0:
+            words.append("untrained")
+        elif self.init == "scratch":
+            words.append(f"from scratch {self.steps} steps")
+        elif self.steps != 200:
+            words.append(f"fine-tuned {self.steps} steps")
+        return ", ".join(words)
 
 
 # ---------------------------------------------------------------------------------------------- conversion

@@ -24,11 +24,10 @@ smaller depth is a depth-pruned teacher (as in recent DiT compression work); emb
 copied when their shapes match (a different patch size keeps a fresh patch embedding and output projection).
 
 `Distill(...).apply(teacher, context)` returns the trained student (EMA weights, eval mode). Training goes through
-fastdit.zoo.train_cached: a warm run loads the cached student instead of training it again.
+Context.finetune with the profile's recipe: a warm run loads the cached student instead of training it again.
 """
 import contextlib
 import copy
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import create_model
-from . import Context, Technique, register_technique
+from .base import Context, Technique, register_technique
 
 MODES = ("output", "feature")
 TARGETS = ("eps", "all")
@@ -149,15 +148,6 @@ def init_from_teacher(student, teacher):
     return copied
 
 
-def state_sha256(model):
-    """A content hash of a model's weights (names, shapes and bytes): the teacher's identity in the cache key."""
-    h = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 class Student(nn.Module):
     """What train() optimizes: the student DiT and, for feature distillation across widths, the projections (which
     are trained with it and discarded afterwards). Calls go to the DiT; its checkpoints (train_cached's cache,
@@ -258,15 +248,20 @@ class Distill(Technique):
             raise ValueError(f"distill: steps must be >= 1 and depth >= 0 (0: the variant's), got steps={self.steps}, "
                              f"depth={self.depth}")
 
+    def uses_teacher(self):
+        """Whether the student depends on the teacher: through the distillation term or the teacher's weights."""
+        return self.alpha > 0 or self.init == "teacher"
+
     def spec(self, teacher):
-        """What determines the trained student beyond the TrainConfig. The control (alpha 0) ignores mode and target,
-        and with a random init the teacher too, so every setting that trains the same network shares one cache entry."""
+        """What determines the trained student beyond the TrainConfig and the teacher's weights (which
+        Context.finetune adds when uses_teacher()). The control (alpha 0) ignores mode and target, and with a random
+        init the teacher too, so every setting that trains the same network shares one cache entry."""
         settings = self.to_dict()
         if self.alpha == 0:
             settings.update(mode="output", target="eps")
         spec = dict(settings=settings)
-        if self.alpha > 0 or self.init == "teacher":
-            spec["teacher"] = dict(config=teacher.config, sha256=state_sha256(teacher))
+        if self.uses_teacher():
+            spec["teacher"] = dict(config=teacher.config)
         return spec
 
     def make_student(self, teacher):
@@ -287,13 +282,10 @@ class Distill(Technique):
 
     def apply(self, model, context=None):
         context = context or Context()
-        if context.profile is None:
-            raise ValueError("distill trains a student, so it needs a Context with a profile (its data and recipe): "
-                             "use bench.apply(...) or techniques.apply(model, stack, Context(profile=...))")
-        from ..zoo import train_cached
-        teacher = copy.deepcopy(model).to(context.device).eval().requires_grad_(False)
         overrides = dict(model_kwargs=dict(depth=self.depth)) if self.depth else {}
-        config = context.profile.train_config(self.student, steps=self.steps, seed=self.seed, **overrides)
+        training = dict(variant=self.student, steps=self.steps, seed=self.seed, **overrides)
+        config = context.train_config(self, **training)  # checks the context before anything is built
+        teacher = copy.deepcopy(model).to(context.device).eval().requires_grad_(False)
         if config.image_size != teacher.input_size:
             raise ValueError(f"the teacher takes {teacher.input_size}x{teacher.input_size} inputs but profile "
                              f"{context.profile.name!r} trains at {config.image_size}: distill a teacher of this "
@@ -306,9 +298,26 @@ class Distill(Technique):
                                  f"{grid_t}x{grid_t} do not divide; use mode='output'")
         loss_fn = None if self.alpha == 0 else DistillLoss(teacher, self.alpha, self.mode, self.target,
                                                            len(student.net.blocks))
-        trained, info = train_cached(self.name, self.spec(teacher), lambda: student, config, loss_fn=loss_fn,
-                                     device=context.device, progress=context.progress)
+        trained, info = context.finetune(self, self.spec(teacher), lambda: student,
+                                         start=teacher if self.uses_teacher() else None, loss_fn=loss_fn, **training)
         net = trained.net.eval()
         net.distillation = dict(source=info["source"], key=info.get("key"), final_loss=info.get("final_loss"),
                                 train_seconds=info.get("train_seconds"), steps_per_s=info.get("steps_per_s"))
         return net
+
+    @property
+    def label(self):
+        words = ["alpha 0, control" if self.alpha == 0 else f"alpha {self.alpha:g}"]
+        if self.alpha > 0 and self.mode == "feature":
+            words.append("features")
+        if self.alpha > 0 and self.mode == "output" and self.target == "all":
+            words.append("all outputs")
+        if self.init == "teacher":
+            words.append("teacher init")
+        if self.depth:
+            words.append(f"depth {self.depth}")
+        if self.steps != 300:
+            words.append(f"{self.steps} steps")
+        if self.seed:
+            words.append(f"seed {self.seed}")
+        return f"distilled into {self.student} ({', '.join(words)})"

@@ -7,8 +7,9 @@ with a balance loss.
 init="upcycle" builds the MoE from the trained dense model (every expert a copy of the block's MLP, the router drawn
 small), which computes exactly the dense function at step 0, then fine-tunes it for `steps` steps so the experts
 separate. init="scratch" trains the MoE model from random weights for `steps` steps. steps=0 returns the converted
-model untrained (for cost and speed measurements). Training goes through fastdit.zoo.train_cached: the profile's
-recipe (batch, EMA, data, seed) with this technique's steps and lr, cached, so a warm run trains nothing.
+model untrained (for cost and speed measurements). Training goes through Context.finetune: the profile's recipe
+(batch, EMA, data) with this technique's steps, lr and seed and a fine-tune's warm-up, cached, so a warm run trains
+nothing.
 
 The training loss is DiT's diffusion loss plus coef x the balance loss summed over MoE layers: balance="paper"
 (sum_i mean(I_i) mean(P_i), the paper's form with coefficient 0.005), "switch" (E sum_i f_i P_i) or "none".
@@ -16,8 +17,6 @@ With top_k = 1 the combine weight is always 1 (a softmax over one logit), so, as
 learns only from the balance loss.
 """
 import copy
-import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ import torch
 from ..models import DiT
 from ..models.moe import BALANCES, DISPATCHES, routing_trace, to_moe, total_balance_loss
 from ..train import diffusion_loss
-from . import Technique, register_technique
+from .base import Context, Technique, register_technique
 
 
 class BalancedLoss:
@@ -42,16 +41,6 @@ class BalancedLoss:
         if not any(records.values()):
             raise RuntimeError("the model has no MoE layer that ran: a balance loss needs a model built by to_moe")
         return loss + self.coef * total_balance_loss(records, self.kind).to(loss.device)
-
-
-def weights_sha256(model):
-    """Content hash of a model's weights (names, shapes, bytes): the dense model's identity in the cache key."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @register_technique
@@ -94,17 +83,36 @@ class MoE(Technique):
     def apply(self, model, context=None):
         if self.steps == 0:
             return self.convert(model).eval()
-        if context is None or context.profile is None or context.variant is None:
-            raise ValueError(f"{self.id} trains for {self.steps} steps and needs a Context with the profile and the "
-                             "variant (bench.apply passes them); use steps=0 for the untrained converted model")
-        from ..zoo import train_cached
-        profile = context.profile
-        warmup = min(profile.train.get("warmup_steps", 0), math.ceil(self.steps / 10))
-        config = profile.train_config(context.variant, steps=self.steps, lr=self.lr, warmup_steps=warmup,
-                                      seed=self.seed)
-        spec = dict(technique=self.to_dict(), dense_config=model.config,
-                    dense_sha256=weights_sha256(model) if self.init == "upcycle" else None)
+        spec = dict(technique=self.to_dict(), dense_config=model.config)
         loss_fn = None if self.balance == "none" else BalancedLoss(self.balance, self.coef)
-        trained, _ = train_cached(self.name, spec, lambda: self.convert(model), config, loss_fn=loss_fn,
-                                  device=context.device, progress=context.progress)
+        trained, _ = (context or Context()).finetune(
+            self, spec, lambda: self.convert(model), start=model if self.init == "upcycle" else None,
+            steps=self.steps, lr=self.lr, seed=self.seed, warmup="finetune", loss_fn=loss_fn)
         return trained
+
+    @property
+    def label(self):
+        words = [f"MoE {self.experts} expert{'s' if self.experts != 1 else ''} top-{self.top_k}"]
+        if self.every != 1:
+            words.append(f"every {_ordinal(self.every)} block")
+        if self.balance == "none":
+            words.append("no balance loss")
+        elif self.balance != "paper" or self.coef != 0.005:
+            words.append(f"{self.balance} balance {self.coef:g}")
+        if self.capacity:
+            words.append(f"capacity {self.capacity:g}")
+        if self.steps == 0:
+            words.append("untrained")
+        elif self.init == "scratch" or self.steps != 200:
+            words.append(f"{'from scratch ' if self.init == 'scratch' else ''}{self.steps} steps")
+        if self.lr != 5e-4:
+            words.append(f"lr {self.lr:g}")
+        if self.seed:
+            words.append(f"seed {self.seed}")
+        if self.dispatch != "sorted":
+            words.append(f"{self.dispatch} dispatch")
+        return ", ".join(words)
+
+
+def _ordinal(n):
+    return f"{n}{'th' if 10 <= n % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"

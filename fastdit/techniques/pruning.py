@@ -14,67 +14,30 @@ compute the same function. The other structured prunings work the same way:
     PruneMLP(keep=0.5)        drop MLP hidden channels with the smallest |fc1 row| * |fc2 column|
     PruneDepth(keep=0.5)      drop the blocks whose removal changes the output least on a seeded calibration batch
     PruneMagnitude(0.5)       global unstructured: zero the smallest 50 % of the attention and MLP weights (same
-                              dense GMACs; sparse_size_bytes is what a CSR file of the result costs)
+                              dense GMACs; metrics.cost.sparse_size_bytes is what a CSR file of it costs)
     Sparse24()                2:4 semi-structured: 2 of every 4 consecutive input weights; real kernels on CUDA only
     Recover(steps=200)        fine-tune whatever came before through the training path, pruned entries held at zero
 
 `keep` below 1 is a fraction of what a block has (rounded half up, at least 1); 1 or more is a count.
 
 A remove-mode model no longer matches model.config (heads differ per block), so it is saved as a plain state_dict and
-loaded back with `restructure(fresh_model, state_dict)`, which rebuilds the per-block shapes from the tensors.
+loaded back with fastdit.models.restructure(fresh_model, state_dict), which rebuilds the per-block shapes from the
+tensors; fastdit.metrics.flops.analytic_gmacs counts what the shapes cost, fastdit.metrics.cost.sparse_size_bytes what
+a zeroed model costs stored sparse.
 """
 import copy
-import hashlib
-import io
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils import prune
 
-from ..models.attention import Attention, register_attention
+from ..models.attention import Attention
 from ..models.mlp import Mlp
-from . import Technique, register_technique
-from .quantization import select_layers
+from .base import Context, Technique, percent, register_technique, select_layers
 
 MODES = ("remove", "mask")
-
-
-#################################################################################
-#                      An attention layer with any number of heads              #
-#################################################################################
-
-@register_attention("mha-pruned")
-class PrunedAttention(nn.Module):
-    """Multi-head attention whose heads need not fill the model width: qkv maps D -> 3 * H' * hd, proj H' * hd -> D.
-
-    The layout of qkv is the standard one ([q; k; v], each in heads of hd consecutive rows), so the state-dict keys
-    are those of "mha" and a pruned block's weights are plain slices of the original's."""
-
-    def __init__(self, dim, num_heads, head_dim=None, qkv_bias=True):
-        super().__init__()
-        if num_heads < 1:
-            raise ValueError(f"an attention layer needs at least one head, got {num_heads}")
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads; pass head_dim")
-            head_dim = dim // num_heads
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        inner = num_heads * head_dim
-        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
-        self.proj = nn.Linear(inner, dim)
-
-    def forward(self, x):
-        N, T, _ = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)  # (N, T, 3, H', hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                       # 3 x (N, H', T, hd)
-        x = F.scaled_dot_product_attention(q, k, v)                         # (N, H', T, hd), scale hd^-1/2
-        x = x.transpose(1, 2).reshape(N, T, self.num_heads * self.head_dim)  # (N, T, H' * hd)
-        return self.proj(x)
 
 
 #################################################################################
@@ -82,7 +45,7 @@ class PrunedAttention(nn.Module):
 #################################################################################
 
 def _check_attention(attn):
-    if not isinstance(attn, (Attention, PrunedAttention)):
+    if not isinstance(attn, Attention):
         raise TypeError(f"head pruning needs 'mha' attention (fused qkv in [q; k; v] head layout), got "
                         f"{type(attn).__name__}; prune heads before converting the attention")
 
@@ -143,12 +106,12 @@ def _linear(weight, bias):
 
 
 def remove_heads(attn, heads):
-    """A PrunedAttention holding only `heads` (indices) of attn: the qkv rows and proj columns of the others go."""
+    """An Attention holding only `heads` (indices) of attn: the qkv rows and proj columns of the others go."""
     _check_attention(attn)
     D, hd, inner = attn.proj.out_features, attn.head_dim, attn.qkv.out_features // 3
     within = (heads[:, None] * hd + torch.arange(hd)).reshape(-1)             # (k * hd,) rows of q (and of k, v)
     rows = torch.cat([part * inner + within for part in range(3)])             # (3 * k * hd,) of qkv
-    out = PrunedAttention(D, len(heads), hd, qkv_bias=attn.qkv.bias is not None)
+    out = Attention(D, len(heads), head_dim=hd, qkv_bias=attn.qkv.bias is not None)
     qkv_bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
     out.qkv = _linear(attn.qkv.weight[rows], qkv_bias)
     out.proj = _linear(attn.proj.weight[:, within], attn.proj.bias)
@@ -194,6 +157,14 @@ def _check_mode(mode):
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
+def _kept_label(what, keep, mode, per=" per block"):
+    """"heads 50 % removed" for a fraction kept, "heads: 3 kept per block, the rest masked" for a count."""
+    done = "removed" if mode == "remove" else "masked" if mode == "mask" else mode
+    if keep < 1:
+        return f"{what} {percent(1 - keep)} {done}"
+    return f"{what}: {keep:g} kept{per}, the rest {done}"
+
+
 @register_technique
 @dataclass(frozen=True)
 class PruneHeads(Technique):
@@ -212,6 +183,10 @@ class PruneHeads(Technique):
             else:
                 mask_heads(block.attn, heads)
         return model
+
+    @property
+    def label(self):
+        return _kept_label("heads", self.keep, self.mode)
 
 
 @register_technique
@@ -234,43 +209,14 @@ class PruneMLP(Technique):
                 mask_channels(block.mlp, channels)
         return model
 
+    @property
+    def label(self):
+        return _kept_label("MLP channels", self.keep, self.mode)
+
 
 #################################################################################
 #                                   Depth                                       #
 #################################################################################
-
-@lru_cache(maxsize=4)
-def _calibration_images(dataset, image_size, resize, count, seed):
-    from ..data import load_dataset, prepare
-    data = load_dataset(dataset, "train")
-    pick = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(seed))[:count].numpy()
-    if hasattr(data, "latents"):
-        return torch.from_numpy(data.latents[pick]), torch.from_numpy(data.labels[pick])
-    return prepare(data.images[pick], image_size, resize), torch.from_numpy(data.labels[pick])
-
-
-def calibration_batch(model, context, size, seed=0):
-    """A seeded batch (x_t, t, y) of what the network sees while sampling: x_0 from the profile's training data
-    (Gaussian stand-ins when there is no profile or its data does not fit the model, e.g. paper-scale models),
-    noised to timesteps drawn uniformly over the whole chain."""
-    from ..diffusion import create_diffusion
-    g = torch.Generator().manual_seed(seed)
-    shape = (model.in_channels, model.input_size, model.input_size)
-    profile = getattr(context, "profile", None)
-    x0 = y = None
-    if profile is not None:
-        images, labels = _calibration_images(profile.dataset, profile.image_size, profile.resize, size, seed)
-        if tuple(images.shape[1:]) == shape and int(labels.max()) < model.num_classes:
-            x0, y = images, labels
-    if x0 is None:
-        x0 = torch.randn(size, *shape, generator=g)
-        y = torch.randint(0, model.num_classes, (size,), generator=g)
-    t = torch.randint(0, 1000, (size,), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    x_t = create_diffusion(None, learn_sigma=model.learn_sigma).q_sample(x0, t, noise)
-    device = next(model.parameters()).device
-    return x_t.to(device), t.to(device), y.to(device)
-
 
 @torch.no_grad()
 def block_importance(model, batch):
@@ -302,11 +248,16 @@ class PruneDepth(Technique):
     def apply(self, model, context=None):
         k = kept_count(self.keep, len(model.blocks), "blocks")
         if k < len(model.blocks):
-            scores = block_importance(model, calibration_batch(model, context, self.calibration,
-                                                               getattr(context, "seed", 0)))
+            batch = (context or Context()).calibration_batch(model, self.calibration)
+            scores = block_importance(model, batch)
             kept = top_indices(scores, k).tolist()
             model.blocks = nn.ModuleList(model.blocks[i] for i in kept)
         return model
+
+    @property
+    def label(self):
+        calibration = f" (calibration {self.calibration})" if self.calibration != 32 else ""
+        return _kept_label("blocks", self.keep, "remove", per="") + calibration
 
 
 #################################################################################
@@ -314,9 +265,8 @@ class PruneDepth(Technique):
 #################################################################################
 
 def linear_weights(model, within="all"):
-    """(module, "weight") of the nn.Linear layers in a scope, in module order; the scopes are quantization's:
-    "all" (every Linear), "blocks" (attention, MLP and adaLN modulation of the blocks), "attn-mlp" (only attention
-    and MLP: where a block's multiply-adds are)."""
+    """(module, "weight") of the nn.Linear layers in a scope (techniques.base.LAYER_FILTERS: "all", "blocks",
+    "attn-mlp", or a filter(module, name)), in module order: the form torch.nn.utils.prune takes."""
     modules = dict(model.named_modules())
     return [(modules[name], "weight") for name in select_layers(model, within)]
 
@@ -351,6 +301,11 @@ class PruneMagnitude(Technique):
         for module, name in params:
             prune.remove(module, name)  # weight = weight_orig * mask, as a plain parameter again
         return model
+
+    @property
+    def label(self):
+        scope = {"attn-mlp": "", "blocks": ", block layers", "all": ", all layers"}.get(self.layers, f", {self.layers}")
+        return f"magnitude {percent(self.amount)} zeroed{scope}"
 
 
 def mask_2_4(weight):
@@ -404,20 +359,14 @@ class Sparse24(Technique):
             model.semi_structured = to_semi_structured(model)
         return model
 
+    @property
+    def label(self):
+        return "2:4 sparse" if self.kernels else "2:4 sparse (no sparse kernels)"
+
 
 #################################################################################
 #                              Recovery fine-tuning                             #
 #################################################################################
-
-def content_hash(model):
-    """sha256 over every state-dict entry's name, shape, dtype and bytes: the identity of a starting network."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:20]
-
 
 def hold_zeros(model):
     """Keep every exactly-zero entry of the Linear weights and biases (a pruned entry) at zero while training: a
@@ -437,22 +386,16 @@ def hold_zeros(model):
 @register_technique
 @dataclass(frozen=True)
 class Recover(Technique):
-    """Fine-tune the (pruned) model for `steps` steps on the profile's data with its recipe at learning rate `lr`,
-    through fastdit.zoo.train_cached: trained once, cached by the starting network's content. Entries that are
-    exactly zero at the start (masked heads, magnitude or 2:4 pruning) stay zero; removed structure stays removed."""
+    """Fine-tune the (pruned) model for `steps` steps on the profile's data with its recipe at learning rate `lr` and
+    without warm-up, through Context.finetune: trained once, cached by the starting network's weights. Entries that
+    are exactly zero at the start (masked heads, magnitude or 2:4 pruning) stay zero; removed structure stays removed.
+    The result records what it was trained from and where it came from in `recovery`."""
     name = "recover"
     steps: int = 200
     lr: float = 3e-4
 
     def apply(self, model, context=None):
-        from ..zoo import train_cached
-        profile = getattr(context, "profile", None)
-        if profile is None or context.variant is None:
-            raise ValueError("recover fine-tunes on a profile's data: pass a Context with profile and variant "
-                             "(bench.context(variant) in a bench test)")
-        config = profile.train_config(context.variant, steps=self.steps, lr=self.lr, warmup_steps=0,
-                                      seed=context.seed)
-        start = content_hash(model)
+        context = context or Context()
         handles = []
 
         def make_model():
@@ -460,109 +403,14 @@ class Recover(Technique):
             net = copy.deepcopy(model)
             handles.extend(hold_zeros(net))
             return net
-        tuned, info = train_cached(self.name, dict(start=start, steps=self.steps, lr=self.lr), make_model, config,
-                                   device=context.device, progress=context.progress)
+        tuned, info = context.finetune(self, dict(steps=self.steps, lr=self.lr), make_model, start=model,
+                                       steps=self.steps, lr=self.lr, warmup=0, seed=context.seed)
         for handle in handles:
             handle.remove()
-        tuned.recovery = dict(info, start=start)
+        tuned.recovery = info
         return tuned
 
-
-#################################################################################
-#                        Counting and storing what is left                      #
-#################################################################################
-
-def analytic_gmacs(model, batch_size=1):
-    """GMACs of one forward from the layer shapes alone, in fvcore's convention (one multiply-add = 1, LayerNorm
-    without affine = 4 per element, element-wise work free), split like fastdit.metrics.cost.gmacs_breakdown.
-
-    Per block with T tokens, width D, H' heads of hd (inner = H' * hd) and MLP hidden h:
-    attention = T*D*3*inner (qkv) + 2*T*T*inner (q k^T and p v) + T*inner*D (proj); MLP = 2*T*D*h."""
-    T = (model.input_size // model.patch_size) ** 2
-    conv = model.x_embedder.proj
-    D = conv.out_channels
-    other = T * D * conv.in_channels * model.patch_size ** 2                    # patch embedding
-    other += sum(m.in_features * m.out_features for m in model.t_embedder.mlp if isinstance(m, nn.Linear))
-    attention = mlp = 0
-    for block in model.blocks:
-        _check_attention(block.attn)
-        _check_mlp(block.mlp)
-        inner = block.attn.qkv.out_features // 3
-        attention += T * D * 3 * inner + 2 * T * T * inner + T * inner * block.attn.proj.out_features
-        mlp += T * (block.mlp.fc1.in_features * block.mlp.fc1.out_features
-                    + block.mlp.fc2.in_features * block.mlp.fc2.out_features)
-        ada = block.adaLN_modulation[-1]
-        other += 2 * 4 * T * D + ada.in_features * ada.out_features              # two LayerNorms, adaLN
-    final = model.final_layer
-    other += 4 * T * D + final.adaLN_modulation[-1].in_features * final.adaLN_modulation[-1].out_features
-    other += T * final.linear.in_features * final.linear.out_features
-    total = attention + mlp + other
-    return {k: batch_size * v / 1e9 for k, v in dict(total=total, attention=attention, mlp=mlp, other=other).items()}
-
-
-def sparse_state_dict(model):
-    """The state dict with every 2-D Linear weight stored in whichever of dense and CSR is smaller. CSR keeps row
-    pointers (int32), column indices (int16 when the width allows, else int32) and the nonzero values; it pays 6
-    bytes per nonzero against 4 per dense entry, so it wins beyond a third of zeros."""
-    out = {}
-    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu()
-        if name in linear and t.dim() == 2:
-            nonzero = t != 0                                                    # (out, in)
-            col_dtype = torch.int16 if t.shape[1] - 1 <= torch.iinfo(torch.int16).max else torch.int32
-            crow = torch.cat([torch.zeros(1, dtype=torch.int64), nonzero.sum(1).cumsum(0)])  # (out + 1,)
-            entry = dict(shape=torch.tensor(t.shape), crow=crow.to(torch.int32),
-                         col=nonzero.nonzero()[:, 1].to(col_dtype), values=t[nonzero])  # row-major order
-            csr_bytes = sum(v.numel() * v.element_size() for v in entry.values())
-            if csr_bytes < t.numel() * t.element_size():
-                out[name] = entry
-                continue
-        out[name] = t
-    return out
-
-
-def dense_state_dict(sparse):
-    """Inverse of sparse_state_dict: a plain state dict that load_state_dict (after restructure) accepts."""
-    out = {}
-    for name, v in sparse.items():
-        if isinstance(v, dict):
-            shape = tuple(v["shape"].tolist())
-            rows = torch.repeat_interleave(torch.arange(shape[0]), v["crow"].long().diff())  # row of each value
-            dense = torch.zeros(shape, dtype=v["values"].dtype)
-            dense[rows, v["col"].long()] = v["values"]
-            out[name] = dense
-        else:
-            out[name] = v
-    return out
-
-
-def sparse_size_bytes(model):
-    """Bytes of torch.save(sparse_state_dict(model)): the checkpoint size of the sparse storage format."""
-    buffer = io.BytesIO()
-    torch.save(sparse_state_dict(model), buffer)
-    return buffer.getbuffer().nbytes
-
-
-def restructure(model, state_dict):
-    """Shrink a fresh model of the same variant to the per-block shapes in `state_dict` (blocks, heads, MLP widths)
-    and load it: how a pruned model comes back from its saved state dict."""
-    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
-    if depth > len(model.blocks):
-        raise ValueError(f"the state dict has {depth} blocks, the model only {len(model.blocks)}: build the model "
-                         "of the variant the pruned one came from")
-    model.blocks = nn.ModuleList(model.blocks[:depth])
-    for i, block in enumerate(model.blocks):
-        _check_attention(block.attn)
-        _check_mlp(block.mlp)
-        D, hd = block.attn.proj.out_features, block.attn.head_dim
-        inner = state_dict[f"blocks.{i}.attn.qkv.weight"].shape[0] // 3
-        if inner % hd:
-            raise ValueError(f"block {i}: qkv has {3 * inner} rows, not a whole number of {hd}-wide heads")
-        if inner != block.attn.qkv.out_features // 3:
-            block.attn = PrunedAttention(D, inner // hd, hd, qkv_bias=f"blocks.{i}.attn.qkv.bias" in state_dict)
-        hidden = state_dict[f"blocks.{i}.mlp.fc1.weight"].shape[0]
-        if hidden != block.mlp.fc1.out_features:
-            block.mlp = Mlp(D, hidden)
-    model.load_state_dict(state_dict)
-    return model
+    @property
+    def label(self):
+        lr = f" (lr {self.lr:g})" if self.lr != 3e-4 else ""
+        return f"recovered {self.steps} steps{lr}"

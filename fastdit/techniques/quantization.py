@@ -20,7 +20,8 @@ over fp32 on a (2048 x 384) @ (384 x 1536) Linear where fbgemm (the "x86" engine
 other schemes are torchao's `quantize_` configs. The CUDA schemes run their quantized Linears in bfloat16 (tinygemm
 and the row-wise fp8 matmul need a bfloat16 input); the rest of the model stays float32.
 
-`layers` chooses which Linears are quantized; the adaLN modulation and the final layer are the usual sensitive ones:
+`layers` chooses which Linears are quantized (techniques.base.LAYER_FILTERS, the filters torchao's filter_fn takes);
+the adaLN modulation and the final layer are the usual sensitive ones:
 
     all          every nn.Linear (the paper's setting, torchao's default filter)
     blocks       the Linears of the transformer blocks (attention, MLP, adaLN); embedders and final layer stay fp32
@@ -38,10 +39,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import Technique, register_technique
+from .base import LAYER_FILTERS, Technique, register_technique, select_layers
 
 SCHEMES = ("int8-dynamic-cpu", "int8-weight-only", "int8-dynamic", "fp8-dynamic", "int4-weight-only")
-LAYERS = ("all", "blocks", "attn-mlp")
+LAYERS = tuple(LAYER_FILTERS)
 
 # What each scheme needs to run: a device type and, on CUDA, a minimum compute capability.
 REQUIRES = {
@@ -59,6 +60,9 @@ CPU_ENGINE = "onednn"   # the int8 GEMM that int8-dynamic-cpu packs its weights 
 STEP_RTOL = 1e-4
 # Schemes whose quantized Linears run in bfloat16 (their kernels take a bfloat16 input).
 BFLOAT16_SCHEMES = ("fp8-dynamic", "int4-weight-only")
+# Each scheme in words, for report rows.
+SCHEME_LABELS = {"int8-dynamic-cpu": "int8 dynamic (CPU)", "int8-weight-only": "int8 weight-only",
+                 "int8-dynamic": "int8 dynamic", "fp8-dynamic": "fp8 dynamic", "int4-weight-only": "int4 weight-only"}
 # Bits per stored weight element, for the size invariants (int4 packs two per byte).
 BITS = {"int8-dynamic-cpu": 8, "int8-weight-only": 8, "int8-dynamic": 8, "fp8-dynamic": 8, "int4-weight-only": 4}
 
@@ -96,6 +100,11 @@ class Quantize(Technique):
         model.quantization = dict(scheme=self.scheme, layers=self.layers, quantized=done, skipped=skipped)
         return torch.compile(model) if self.compile else model
 
+    @property
+    def label(self):
+        layers = {"all": "", "blocks": ", blocks only", "attn-mlp": ", attention + MLP only"}[self.layers]
+        return SCHEME_LABELS[self.scheme] + layers + (", compiled" if self.compile else "")
+
 
 def unsupported(scheme, device):
     kind, capability = REQUIRES[scheme]
@@ -110,22 +119,6 @@ def unsupported(scheme, device):
             return f"{scheme} needs compute capability {capability[0]}.{capability[1]}+; this GPU has " \
                    f"{have[0]}.{have[1]}"
     return ""
-
-
-def select_layers(model, layers):
-    """Names of the nn.Linear modules that `layers` ("all", "blocks", "attn-mlp") quantizes, in module order."""
-    if layers not in LAYERS:
-        raise ValueError(f"unknown layer choice {layers!r}; use one of {', '.join(LAYERS)}")
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        parts = name.split(".")
-        in_block = parts[0] == "blocks"
-        if layers == "all" or (layers == "blocks" and in_block) or \
-                (layers == "attn-mlp" and in_block and parts[2] in ("attn", "mlp")):
-            names.append(name)
-    return names
 
 
 def unwrap(model):
