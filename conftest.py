@@ -4,8 +4,9 @@ import os
 import torch
 from hypothesis import HealthCheck, settings
 
-# The bench harness: --profile, --tier, --baselines, --update-baselines, the `bench` fixture and the gate.
-pytest_plugins = ["fastdit.harness.plugin", "pytester"]
+# The bench harness (--profile, --tier, the `bench` fixture, the gate) comes with the installed package, through its
+# pytest11 entry point; pytester drives the unit tests of the plugin and the gate's self-test.
+pytest_plugins = ["pytester"]
 
 # Derandomized and database-free in CI, so a run is a deterministic function of the code.
 settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, database=None, print_blob=True,

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastdit.diffusion import create_diffusion
-from fastdit.harness.gate import Measurement
+from fastdit.harness import tiered
 from fastdit.techniques import stack_id
 from fastdit.techniques.distillation import Distill, DistillLoss, Student
 from fastdit.train import diffusion_loss
@@ -56,8 +56,7 @@ SETTINGS = [
 ]
 QUICK = [stack_id(s) for s in SETTINGS[:2]]
 # Full tier only: in the quick tier, test_reference.py's quality row of DiT-mS/4 is the same figure.
-TEACHER_ROWS = [pytest.param("DiT-mS/4", id="DiT-mS/4", marks=pytest.mark.bench_full),
-                pytest.param("DiT-mS/2", id="DiT-mS/2", marks=pytest.mark.bench_full)]
+TEACHER_ROWS = tiered(["DiT-mS/4", "DiT-mS/2"], quick=())
 
 _QUALITY = {}  # (teacher, setting id) -> quality measurements, so a distilled row can cite its control's
 
@@ -84,12 +83,12 @@ def _quality(bench, setting):
 
 
 @pytest.mark.parametrize("teacher", TEACHER_ROWS)
-def test_teacher(bench, request, teacher):
+def test_teacher(bench, teacher):
     """The teacher's quality under this module's protocol (the same figure as the reference zoo's row)."""
-    bench.check(request, bench.quality(bench.reference_model(teacher), bench.protocol(teacher, role="teacher")))
+    bench.check(bench.quality(bench.reference_model(teacher), bench.protocol(teacher, role="teacher")))
 
 
-def test_distill(bench, request, setting):
+def test_distill(bench, setting):
     """Quality, size and speed of a student trained for STEPS steps; distilled rows also report FID - control FID."""
     teacher_variant = TEACHERS[setting.student]
     teacher, student = _student(bench, setting)
@@ -99,16 +98,12 @@ def test_distill(bench, request, setting):
     measurements = list(quality)
     control = _control(setting)
     if control != setting:
-        fid = {m.metric: m for m in quality}["fid"]
-        control_fid = {m.metric: m for m in _quality(bench, control)}["fid"]
         # Informational: negative = distillation beat plain training of the same student at equal budget.
-        measurements.append(Measurement("fid_minus_control", fid.value - control_fid.value, "", "lower",
-                                        {"kind": "relative", "tolerance": 1.0}, dict(fid.protocol),
-                                        noise=fid.noise, extra=dict(gated=False)))
+        measurements.append(bench.against_control(quality, _quality(bench, control)))
     batch = bench.profile.throughput_batch_sizes[-1]
     measurements += bench.cost(student, protocol, batch_size=batch)
     measurements += bench.speedup(teacher, student, protocol, batch_size=batch)
-    bench.check(request, measurements, train=getattr(student, "distillation", None))
+    bench.check(measurements, train=getattr(student, "distillation", None))
 
 
 # ------------------------------------------------------------------------------------------------ invariants
@@ -119,7 +114,7 @@ _PAIR = {}
 def _pair(bench):
     """The quick pair's real teacher (frozen) and its student at initialization (train mode), built once."""
     if not _PAIR:
-        teacher = bench.reference_model("DiT-mS/4").cpu().eval().requires_grad_(False)
+        teacher = bench.reference_model("DiT-mS/4", device="cpu").eval().requires_grad_(False)
         student = Distill("DiT-mXS/4", mode="feature").make_student(teacher).train()  # with its projections
         torch.manual_seed(0)
         with torch.no_grad():  # a trained-looking student: the fresh one outputs exactly 0 (adaLN-Zero)
@@ -143,10 +138,10 @@ def _loss(fn, model, t, seed):
 @settings(max_examples=20, deadline=None)
 @given(t=st.integers(0, 999), alpha=st.sampled_from(ALPHAS), mode=st.sampled_from(["output", "feature"]),
        target=st.sampled_from(["eps", "all"]), seed=st.integers(0, 2 ** 16))
-def test_distillation_invariants(bench, t, alpha, mode, target, seed):
+def test_distillation_invariants(bench_session, t, alpha, mode, target, seed):
     """On the quick pair's real teacher: alpha 0 is exactly the diffusion loss (label dropout included), the loss is
     finite for any timestep, only the student gets gradients, and a student identical to the teacher scores 0."""
-    teacher, student, twin = _pair(bench)
+    teacher, student, twin = _pair(bench_session)
     loss = _loss(DistillLoss(teacher, alpha, mode, target, len(student.net.blocks)), student, t, seed)
     assert torch.isfinite(loss)
     if alpha == 0:

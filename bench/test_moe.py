@@ -29,10 +29,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdit.harness.gate import DEFAULT_RULES, Measurement
+from fastdit.harness import tiered
+from fastdit.harness.gate import Measurement
 from fastdit.metrics import cost
 from fastdit.metrics.flops import count_gmacs, count_params, example_inputs
-from fastdit.models import create_model
 from fastdit.models.moe import load_statistics, moe_layers, parameter_counts, routing_trace, set_dispatch
 from fastdit.techniques import stack_id
 from fastdit.techniques.moe import MoE
@@ -62,8 +62,7 @@ PAPER = {
     "DiT-MoE-S/2-4E1A": ("DiT-S/2", MoE(experts=4, top_k=1, every=2, steps=0), 53.93, 6.07),
     "DiT-MoE-XS/2-8E2A": ("DiT-XS/2", MoE(experts=8, top_k=2, every=1, steps=0), 29.58, 2.23),
 }
-PAPER_ROWS = [pytest.param(name, id=name, marks=() if name == "DiT-MoE-S/2-8E2A" else pytest.mark.bench_full)
-              for name in PAPER]
+PAPER_ROWS = tiered(PAPER, quick=["DiT-MoE-S/2-8E2A"])
 
 _MODELS = {}   # (variant, setting id) -> trained model, shared by the rows and the invariant checks
 _QUALITY = {}  # (variant, setting id) -> quality measurements, so a row can cite its dense control's
@@ -100,18 +99,18 @@ def _quality_and_load(bench, variant, setting):
 def _load_measurements(load, protocol):
     """Load balance beside FID: the worst layer's normalized entropy and coefficient of variation, the mean entropy,
     and the share of assignments dropped by a capacity limit. Informational (the FID is what is gated)."""
-    rule = {"kind": "relative", "tolerance": 0.25}
     entropy = [layer["entropy"] for layer in load.values()]
     cv = [layer["cv"] for layer in load.values()]
     dropped = [layer["dropped"] for layer in load.values()]
-    info = dict(gated=False)
-    return [Measurement("load_entropy_min", min(entropy), "", "higher", rule, protocol, extra=info),
-            Measurement("load_entropy_mean", sum(entropy) / len(entropy), "", "higher", rule, protocol, extra=info),
-            Measurement("load_cv_max", max(cv), "", "lower", rule, protocol, extra=info),
-            Measurement("dropped_share", sum(dropped) / len(dropped), "", "lower", rule, protocol, extra=info)]
+
+    def reported(metric, value, direction):
+        return Measurement.reported(metric, value, "", direction, protocol, tolerance=0.25)
+    return [reported("load_entropy_min", min(entropy), "higher"),
+            reported("load_entropy_mean", sum(entropy) / len(entropy), "higher"),
+            reported("load_cv_max", max(cv), "lower"), reported("dropped_share", sum(dropped) / len(dropped), "lower")]
 
 
-def _row(bench, request, variant, setting):
+def _row(bench, variant, setting):
     dense = bench.reference_model(variant)
     model = _trained(bench, variant, setting)
     layers = moe_layers(model)
@@ -127,31 +126,26 @@ def _row(bench, request, variant, setting):
     measurements = list(quality) + _load_measurements(load, protocol)
     control = _control(setting)
     if bench.tier == "full" and control != setting:
-        fid = {m.metric: m for m in quality}["fid"]
-        control_fid = {m.metric: m for m in _quality_and_load(bench, variant, control)[0]}["fid"]
-        # The issue's question at equal training: negative = the MoE beat the dense model trained the same steps.
-        measurements.append(Measurement("fid_minus_control", fid.value - control_fid.value, "", "lower",
-                                        {"kind": "relative", "tolerance": 1.0}, dict(fid.protocol), noise=fid.noise,
-                                        extra=dict(gated=False)))
+        # Negative: the MoE beat the dense model trained the same steps.
+        measurements.append(bench.against_control(quality, _quality_and_load(bench, variant, control)[0]))
     batch = bench.profile.throughput_batch_sizes[-1]
     total, active = parameter_counts(model)
     measurements += bench.cost(model, protocol, batch_size=batch)
-    measurements.append(Measurement("active_params", active, "", "lower", dict(DEFAULT_RULES["exact"]), protocol))
+    measurements.append(Measurement.exact("active_params", active, "", protocol))
     measurements += bench.speedup(dense, model, protocol, batch_size=batch)
-    bench.check(request, measurements, load=load, total_params=total, active_params=active)
+    bench.check(measurements, load=load, total_params=total, active_params=active)
 
 
-def test_moe(bench, request, variant, setting):
+def test_moe(bench, variant, setting):
     """The paper's layouts on every zoo variant: quality, expert load, parameters, active GMACs, speed."""
-    _row(bench, request, variant, setting)
+    _row(bench, variant, setting)
 
 
-@pytest.mark.bench_full
-@pytest.mark.parametrize("setting", [pytest.param(s, id=stack_id(s)) for s in ABLATIONS + [
-    _control(SETTINGS[0]), _control(ABLATIONS[-1])]])
-def test_moe_ablation(bench, request, setting):
+@pytest.mark.parametrize("setting", tiered(ABLATIONS + [_control(SETTINGS[0]), _control(ABLATIONS[-1])], quick=(),
+                                           id=stack_id))
+def test_moe_ablation(bench, setting):
     """Balance losses, a capacity limit, training from scratch, and the dense controls, on the quick variant."""
-    _row(bench, request, bench.profile.quick_variants[0], setting)
+    _row(bench, bench.profile.quick_variants[0], setting)
 
 
 # --------------------------------------------------------------------------------------------- paper scale
@@ -162,12 +156,12 @@ def _paper_model(bench, name):
 
 
 @pytest.mark.parametrize("name", PAPER_ROWS)
-def test_paper_cost(bench, request, name):
-    """Total and active parameters and active GMACs of the paper's three MoE models (32x32x4 latents, 200 classes)."""
+def test_paper_cost(bench, name):
+    """Total and active parameters and active GMACs of the paper's three MoE models (at the profile's paper_shape)."""
     variant, setting, params_m, gmacs = PAPER[name]
     model = _paper_model(bench, name)
     total, active = parameter_counts(model)
-    assert total == count_params(model) and abs(total / 1e6 - params_m) <= 0.01  # the notes give 2 decimals, "≈"
+    assert total == count_params(model) and abs(total / 1e6 - params_m) <= 0.01  # the paper gives 2 decimals, "≈"
     assert abs(count_gmacs(model) - gmacs) <= 0.01
     # Active parameters: the dense model's, plus a router per MoE layer and k - 1 more experts per token.
     dense = bench.paper_model(variant)
@@ -176,21 +170,18 @@ def test_paper_cost(bench, request, name):
     assert active == count_params(dense) + routers + len(moe_layers(model)) * (setting.top_k - 1) * expert
     protocol = bench.protocol(variant, setting, scale="paper", model=name)
     measurements = bench.cost(model, protocol, batch_size=1)
-    measurements.append(Measurement("active_params", active, "", "lower", dict(DEFAULT_RULES["exact"]), protocol))
-    bench.check(request, measurements, total_params=total, active_params=active)
+    measurements.append(Measurement.exact("active_params", active, "", protocol))
+    bench.check(measurements, total_params=total, active_params=active)
 
 
-@pytest.mark.parametrize("batch", [pytest.param(1, id="batch1"),
-                                   pytest.param(8, id="batch8", marks=pytest.mark.bench_full)])
-def test_dispatch(bench, request, batch):
+@pytest.mark.parametrize("batch", tiered([1, 8], quick=["batch1"], id=lambda b: f"batch{b}"))
+def test_dispatch(bench, batch):
     """S/2-8E2A forward (sorted and naive dispatch) against dense S/2 with MLP ratio 8 (the same active MACs) and the
     dense S/2, interleaved in one process at 1 thread. Batch 8 is the acceptance: within 1.3x of the same-MACs model."""
     name = "DiT-MoE-S/2-8E2A"
     variant, setting, _, _ = PAPER[name]
     moe = _paper_model(bench, name)
-    torch.manual_seed(0)
-    same_macs = create_model(variant, input_size=32, in_channels=4, num_classes=200, mlp_ratio=8).to(bench.device)
-    same_macs.eval()
+    same_macs = bench.paper_model(variant, mlp_ratio=8)
     dense = bench.paper_model(variant)
     assert abs(count_gmacs(same_macs) / count_gmacs(moe) - 1) < 0.01  # the router's MACs are the difference
     x, t, y = example_inputs(moe, batch, bench.device)
@@ -210,7 +201,6 @@ def test_dispatch(bench, request, batch):
     set_dispatch(moe, "sorted")
     protocol = bench.protocol(variant, setting, scale="paper", model=name, batch_size=batch,
                               threads=1 if bench.device == "cpu" else None)
-    speed = dict(DEFAULT_RULES["speed"])
     out = []
     # Each ratio is t_reference / t_candidate (higher = the candidate is faster), with its bootstrap CI.
     for metric, reference, candidate, gated in [("sorted_vs_same_macs", "same_macs", "sorted", True),
@@ -220,32 +210,31 @@ def test_dispatch(bench, request, batch):
         s = cost.speedup(timings[reference], timings[candidate])
         # At batch 1 the ratios compare different op mixes (routing overhead vs matmuls) and drifted 11% between
         # unchanged runs: reported there, gated at batch 8.
-        out.append(Measurement(metric, s["ratio"], "x", "higher", speed, protocol, ci=(s["ci_low"], s["ci_high"]),
-                               p_value=s["p_value"], scope="hardware", extra=dict(gated=gated and batch != 1,
-                                                                timing=timings[candidate].samples,
-                                                                reference_timing=timings[reference].samples)))
+        out.append(Measurement.speedup(metric, s, protocol, extra=dict(gated=gated and batch != 1,
+                                                                       timing=timings[candidate].samples,
+                                                                       reference_timing=timings[reference].samples)))
     ratio = {m.metric: m for m in out}["sorted_vs_same_macs"]
     if batch == 8:  # the acceptance, failed only when the whole CI is past the limit (not on one noisy round)
         assert ratio.ci[1] >= 1 / DISPATCH_LIMIT, (
             f"S/2-8E2A forward takes {1 / ratio.value:.2f}x the time of the same-MACs dense model "
             f"(CI upper speed {ratio.ci[1]:.3f} < {1 / DISPATCH_LIMIT:.3f}): the dispatch overhead is past 1.3x")
-    bench.check(request, out, median_ms={k: v.median_s * 1e3 for k, v in timings.items()})
+    bench.check(out, median_ms={k: v.median_s * 1e3 for k, v in timings.items()})
 
 
 # ------------------------------------------------------------------------------------------------ invariants
 
 @settings(max_examples=20, deadline=None)
 @given(batch=st.integers(1, 4), seed=st.integers(0, 2 ** 16), capacity=st.booleans())
-def test_trained_moe_invariants(bench, variant, batch, seed, capacity):
+def test_trained_moe_invariants(bench_session, variant, batch, seed, capacity):
     """On the quick row's trained model: sorted dispatch equals the naive loop, each sample's output is independent
     of the rest of its batch (routing is per token), every token reaches exactly k experts, and with a capacity limit
     the two dispatches still agree (the same assignments dropped)."""
     setting = SETTINGS[0]
-    model = _trained(bench, variant, setting)
+    model = _trained(bench_session, variant, setting)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g).to(bench.device)
-    t = torch.randint(0, 1000, (batch,), generator=g).to(bench.device)
-    y = torch.randint(0, model.num_classes, (batch,), generator=g).to(bench.device)
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g).to(bench_session.device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(bench_session.device)
+    y = torch.randint(0, model.num_classes, (batch,), generator=g).to(bench_session.device)
     layers = moe_layers(model).values()
     for layer in layers:
         layer.capacity = 1.0 if capacity else 0.0

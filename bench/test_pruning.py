@@ -9,18 +9,18 @@ structural head removal buys at the paper's size; masking buys none, as the pape
 Quick tier: one cost-and-speed row per method on the representative variant and quality for head removal. Full tier:
 every variant x method x level, recovery fine-tuning (cached after the first run), quality for all, paper scale.
 """
-import copy
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdit.harness.gate import DEFAULT_RULES, Measurement
-from fastdit.metrics.flops import count_params
+from fastdit.harness import tiered
+from fastdit.harness.gate import Measurement
+from fastdit.metrics.cost import sparse_size_bytes
+from fastdit.metrics.flops import analytic_gmacs, count_params
 from fastdit.techniques import apply, stack_id
-from fastdit.techniques.pruning import (PruneDepth, PruneHeads, PruneMagnitude, PruneMLP, Recover, Sparse24,
-                                        analytic_gmacs, mask_2_4, sparse_size_bytes, sparsity)
+from fastdit.techniques.pruning import (PruneDepth, PruneHeads, PruneMagnitude, PruneMLP, Recover, Sparse24, mask_2_4,
+                                        sparsity)
 
 LEVELS = (0.75, 0.5, 0.25)  # fraction kept (heads, channels, blocks) or, for magnitude, zeroed
 RECOVERY_STEPS = 200
@@ -48,18 +48,8 @@ PAPER_QUICK = []  # ~28 s on one thread: with the quick quality row it would bre
 PAPER_BATCH = 8
 
 
-def _params(settings_, quick):
-    return [pytest.param(s, id=stack_id(s), marks=() if stack_id(s) in quick else pytest.mark.bench_full)
-            for s in settings_]
-
-
 def _techniques(setting):
     return [setting] if not isinstance(setting, (tuple, list)) else list(setting)
-
-
-def _info(name, value, protocol, unit=""):
-    return Measurement(name, value, unit, "higher", {"kind": "relative", "tolerance": 1.0}, protocol,
-                       extra={"gated": False})
 
 
 def _check_structure(reference, model, setting):
@@ -85,7 +75,7 @@ def _check_structure(reference, model, setting):
 
 # ---------------------------------------------------------------------------------------------- the trained zoo
 
-def test_cost_and_speed(bench, request, variant, setting):
+def test_cost_and_speed(bench, variant, setting):
     """GMACs (= the analytic count), params, bytes, peak memory and the forward speedup over the reference at the
     profile's throughput batch, with sparsity and CSR size where weights are zeroed rather than removed."""
     reference = bench.reference_model(variant)
@@ -105,11 +95,10 @@ def test_cost_and_speed(bench, request, variant, setting):
     assert out.shape == (4, model.out_channels, model.input_size, model.input_size) and torch.isfinite(out).all()
     if any(isinstance(t, (PruneMagnitude, Sparse24)) for t in _techniques(setting)):
         scope = next((t.layers for t in _techniques(setting) if isinstance(t, PruneMagnitude)), "all")
-        measurements.append(_info("sparsity", round(sparsity(model, scope), 6), protocol))
-        measurements.append(Measurement("sparse_size_bytes", sparse_size_bytes(model), "B", "lower",
-                                        dict(DEFAULT_RULES["exact"]), protocol))
+        measurements.append(Measurement.reported("sparsity", round(sparsity(model, scope), 6), "", "higher", protocol))
+        measurements.append(Measurement.exact("sparse_size_bytes", sparse_size_bytes(model), "B", protocol))
     measurements += bench.speedup(reference, model, protocol, batch_size=batch)
-    bench.check(request, measurements)
+    bench.check(measurements)
 
 
 # Masked heads give the same outputs as removed ones (test_mask_and_remove_agree_on_the_trained_model), so the same
@@ -117,17 +106,17 @@ def test_cost_and_speed(bench, request, variant, setting):
 QUALITY_SETTINGS = [s for s in SETTINGS if not (isinstance(s, PruneHeads) and s.mode == "mask")]
 
 
-@pytest.mark.parametrize("setting", _params(QUALITY_SETTINGS, QUALITY_QUICK))
-def test_quality(bench, request, variant, setting):
+@pytest.mark.parametrize("setting", tiered(QUALITY_SETTINGS, QUALITY_QUICK, id=stack_id))
+def test_quality(bench, variant, setting):
     """FID, sFID, KID, precision and recall of the pruned model's samples (and after recovery fine-tuning)."""
     model = bench.apply(bench.reference_model(variant), setting, variant)
-    bench.check(request, bench.quality(model, bench.protocol(variant, setting)))
+    bench.check(bench.quality(model, bench.protocol(variant, setting)))
 
 
 # ------------------------------------------------------------------------------------------------- paper scale
 
-@pytest.mark.parametrize("setting", _params(PAPER_SETTINGS, PAPER_QUICK))
-def test_paper_speed(bench, request, setting):
+@pytest.mark.parametrize("setting", tiered(PAPER_SETTINGS, PAPER_QUICK, id=stack_id))
+def test_paper_speed(bench, setting):
     """DiT-S/2 at the paper's scale, batch 8: removing half the heads halves attention GMACs and speeds up the
     forward; masking them (the paper) changes neither."""
     reference = bench.paper_model("DiT-S/2")
@@ -136,12 +125,12 @@ def test_paper_speed(bench, request, setting):
     protocol = bench.protocol("DiT-S/2", setting, scale="paper")
     measurements = bench.cost(model, protocol, batch_size=PAPER_BATCH)
     measurements += bench.speedup(reference, model, protocol, batch_size=PAPER_BATCH, rounds=5)
-    bench.check(request, measurements)
+    bench.check(measurements)
 
 
 # ------------------------------------------------------------------------------------------------ 2:4 kernels
 
-def test_sparse24_kernels(bench, request, variant):
+def test_sparse24_kernels(bench, variant):
     """2:4 semi-structured sparse matmuls against the dense reference at the throughput batch (CUDA only)."""
     if not bench.device.startswith("cuda"):
         pytest.skip("2:4 semi-structured kernels are CUDA only: torch.sparse.to_sparse_semi_structured rejects CPU "
@@ -152,29 +141,20 @@ def test_sparse24_kernels(bench, request, variant):
         pytest.skip(f"no Linear of {variant} has a shape the 2:4 kernels accept")
     batch = bench.profile.throughput_batch_sizes[-1]
     protocol = bench.protocol(variant, Sparse24(kernels=True), layers=len(model.semi_structured))
-    bench.check(request, bench.speedup(reference, model, protocol, batch_size=batch))
+    bench.check(bench.speedup(reference, model, protocol, batch_size=batch))
 
 
 # ---------------------------------------------------------------------------------------------------- invariants
 
-_MODELS = {}
-
-
-def _zoo_model(bench, variant):
-    if variant not in _MODELS:
-        _MODELS[variant] = bench.reference_model(variant).cpu()
-    return _MODELS[variant]
-
-
 @settings(max_examples=4)
 @given(keep=st.integers(1, 8), seed=st.integers(0, 2 ** 16))
-def test_mask_and_remove_agree_on_the_trained_model(bench, variant, keep, seed):
+def test_mask_and_remove_agree_on_the_trained_model(bench_session, variant, keep, seed):
     """On the trained zoo model: masking the heads (the paper) and removing them compute the same function, keeping
     every head changes nothing, and the output keeps its shape and stays finite."""
-    reference = _zoo_model(bench, variant)
+    reference = bench_session.reference_model(variant, device="cpu")
     keep = min(keep, reference.num_heads)
-    removed = apply(copy.deepcopy(reference), PruneHeads(keep, "remove"))
-    masked = apply(copy.deepcopy(reference), PruneHeads(keep, "mask"))
+    removed = apply(bench_session.reference_model(variant, device="cpu"), PruneHeads(keep, "remove"))
+    masked = apply(bench_session.reference_model(variant, device="cpu"), PruneHeads(keep, "mask"))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, reference.in_channels, reference.input_size, reference.input_size, generator=g)
     t, y = torch.randint(0, 1000, (3,), generator=g), torch.randint(0, reference.num_classes, (3,), generator=g)
@@ -189,8 +169,8 @@ def test_mask_and_remove_agree_on_the_trained_model(bench, variant, keep, seed):
 
 def test_sparse24_pattern(bench, variant):
     """Every block Linear keeps exactly 2 of each 4 consecutive input weights, the 2 largest."""
-    reference = _zoo_model(bench, variant)
-    model = apply(copy.deepcopy(reference), Sparse24(kernels=False))
+    reference = bench.reference_model(variant, device="cpu")
+    model = apply(bench.reference_model(variant, device="cpu"), Sparse24(kernels=False))
     for (name, before), after in zip(reference.blocks.named_parameters(), model.blocks.parameters()):
         if name.endswith("weight") and before.dim() == 2:
             groups = after.reshape(after.shape[0], -1, 4)

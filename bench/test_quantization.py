@@ -21,11 +21,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdit.harness.gate import DEFAULT_RULES, Measurement
+from fastdit.harness.gate import Measurement, tolerance
 from fastdit.metrics import cost
 from fastdit.metrics.flops import example_inputs
 from fastdit.techniques import quantization as q
 from fastdit.techniques.quantization import Quantize
+
+import test_reference  # the sibling bench module whose fp32 quality baselines the zoo rows cite
 
 SETTINGS = [Quantize(scheme, "all", compile) for scheme in q.SCHEMES for compile in (False, True)] + \
     [Quantize("int8-dynamic-cpu", layers) for layers in ("blocks", "attn-mlp")] + \
@@ -63,14 +65,13 @@ def _size(model, reference, protocol, setting):
     q.check_quantized(model, setting)
     size = cost.model_size_bytes(q.unwrap(model))
     ratio = size / cost.model_size_bytes(reference)
-    exact = dict(DEFAULT_RULES["exact"])
-    return ratio, [Measurement("size_bytes", size, "B", "lower", exact, protocol),
-                   Measurement("size_ratio", round(ratio, 6), "of fp32", "lower", exact, protocol)]
+    return ratio, [Measurement.exact("size_bytes", size, "B", protocol),
+                   Measurement.exact("size_ratio", round(ratio, 6), "of fp32", protocol)]
 
 
 # ------------------------------------------------------------------------------------------------- paper scale
 
-def test_paper_scale(bench, request, setting):
+def test_paper_scale(bench, setting):
     """DiT-S/2 at the paper's scale: size, peak memory and the speed ratio to fp32 at batch 8, one thread."""
     _skip_unsupported(bench, setting)
     reference = bench.paper_model(PAPER_VARIANT)
@@ -85,12 +86,12 @@ def test_paper_scale(bench, request, setting):
     rounds = 3 if setting.scheme == "int8-dynamic" and bench.device == "cpu" else PAPER_ROUNDS
     measurements += bench.speedup(_prepared(reference, setting), model, protocol, batch_size=PAPER_BATCH,
                                   rounds=rounds)
-    bench.check(request, measurements, quantized=len(q.unwrap(model).quantization["quantized"]))
+    bench.check(measurements, quantized=len(q.unwrap(model).quantization["quantized"]))
 
 
 # ---------------------------------------------------------------------------------------------------- the zoo
 
-def test_zoo(bench, request, variant, setting):
+def test_zoo(bench, variant, setting):
     """The trained zoo model: output error against fp32, size, peak memory, speed ratio and sample quality."""
     _skip_unsupported(bench, setting)
     reference = bench.reference_model(variant)
@@ -102,8 +103,8 @@ def test_zoo(bench, request, variant, setting):
         assert error <= ERROR_BOUND[setting.scheme], \
             f"output error {error:.4f} above the documented bound {ERROR_BOUND[setting.scheme]} of {setting.scheme}"
     _, measurements = _size(model, reference, protocol, setting)
-    measurements.append(Measurement("output_rel_error", round(error, 6), "", "lower",
-                                    {"kind": "relative", "tolerance": 0.25}, protocol))
+    measurements.append(Measurement.relative("output_rel_error", round(error, 6), "", "lower", protocol,
+                                             tolerance=0.25))
     measurements.append(bench.peak_memory(model, protocol, batch))
     measurements += bench.speedup(_prepared(reference, setting), model, protocol, batch_size=batch)
     info = {}
@@ -111,7 +112,7 @@ def test_zoo(bench, request, variant, setting):
         quality = bench.quality(model, protocol)
         measurements += quality
         measurements += _against_reference(bench, variant, quality, protocol, info)
-    bench.check(request, measurements, **info)
+    bench.check(measurements, **info)
 
 
 def output_error(reference, model, device, batch_size=8):
@@ -123,26 +124,24 @@ def output_error(reference, model, device, batch_size=8):
 
 
 def _against_reference(bench, variant, quality, protocol, info):
-    """Each quality metric minus the fp32 reference's stored baseline, with the reference's calibrated noise: the
-    quantized model keeps its quality when the difference is within the gate's tolerance for the reference itself.
-    Reported (not gated: the quantized row's own baseline gates it); asserted when the reference baseline exists."""
-    stored = bench.stored.get(f"bench/test_reference.py::test_quality[{variant}]", {})
+    """Each quality metric minus the fp32 reference's stored baseline (test_reference.test_quality), with the
+    tolerance the gate applies to the reference itself: the quantized model keeps its quality when the difference is
+    within it. Reported (not gated: the quantized row's own baseline gates it); asserted when the reference baseline
+    exists."""
     out = []
     for m in quality:
-        entry = stored.get(m.metric)
+        entry = bench.baseline(test_reference.test_quality, m.metric, id=variant)
         if m.rule["kind"] != "noise" or not m.extra.get("gated") or entry is None or \
                 entry["protocol"].get("n") != protocol.get("n"):
             continue
         delta = m.value - entry["value"]
         worse = delta if m.direction == "lower" else -delta
-        rule = entry["rule"]
-        tolerance = max(rule.get("floor", 0.0), rule.get("k", 3.0) * (entry.get("noise") or 0.0))
-        info[f"{m.metric}_vs_reference"] = dict(delta=delta, tolerance=tolerance, reference=entry["value"])
-        out.append(Measurement(f"{m.metric}_delta_vs_reference", round(delta, 6), "", "lower",
-                               {"kind": "relative", "tolerance": 1.0}, protocol, extra=dict(gated=False)))
+        limit = tolerance(entry)
+        info[f"{m.metric}_vs_reference"] = dict(delta=delta, tolerance=limit, reference=entry["value"])
+        out.append(Measurement.reported(f"{m.metric}_delta_vs_reference", round(delta, 6), "", "lower", protocol))
         if m.metric in ("fid", "sfid"):
-            assert worse <= tolerance, f"{m.metric} {m.value:.3f} is worse than the fp32 reference's " \
-                                       f"{entry['value']:.3f} by {worse:.3f} > its calibrated tolerance {tolerance:.3f}"
+            assert worse <= limit, f"{m.metric} {m.value:.3f} is worse than the fp32 reference's " \
+                                   f"{entry['value']:.3f} by {worse:.3f} > its calibrated tolerance {limit:.3f}"
     return out
 
 
@@ -162,12 +161,12 @@ def _quantized(bench, variant, setting):
 
 @settings(deadline=None, max_examples=10)
 @given(seed=st.integers(0, 2 ** 16), batch=st.integers(1, 4), late=st.booleans())
-def test_invariants(bench, variant, setting, seed, batch, late):
+def test_invariants(bench_session, variant, setting, seed, batch, late):
     """For any seeded input: the dequantized weights are within half a quantization step of fp32's; the output error
     stays within the scheme's documented bound; the saved and reloaded model is still quantized and computes the
     same outputs."""
-    _skip_unsupported(bench, setting)
-    reference, model = _quantized(bench, variant, setting)
+    _skip_unsupported(bench_session, setting)
+    reference, model = _quantized(bench_session, variant, setting)
     originals = dict(reference.named_modules())
     for name, (weight, half_step) in q.quantized_weights(model).items():
         want = originals[name].weight.float()
@@ -179,7 +178,7 @@ def test_invariants(bench, variant, setting, seed, batch, late):
     x = torch.randn(batch, reference.in_channels, reference.input_size, reference.input_size, generator=g)
     t = torch.randint(500 if late else 0, 1000 if late else 500, (batch,), generator=g)
     y = torch.randint(0, reference.num_classes, (batch,), generator=g)
-    x, t, y = x.to(bench.device), t.to(bench.device), y.to(bench.device)
+    x, t, y = x.to(bench_session.device), t.to(bench_session.device), y.to(bench_session.device)
     with torch.inference_mode():
         want, got = reference(x, t, y), model(x, t, y)
     error = float((got - want).norm() / want.norm())
@@ -188,7 +187,7 @@ def test_invariants(bench, variant, setting, seed, batch, late):
     buffer = io.BytesIO()
     q.save_quantized(model, buffer)
     buffer.seek(0)
-    reloaded = q.load_quantized(buffer, reference.config, setting, device=bench.device)
+    reloaded = q.load_quantized(buffer, reference.config, setting, device=bench_session.device)
     q.check_quantized(reloaded, setting)
     with torch.inference_mode():
         again = reloaded(x, t, y)

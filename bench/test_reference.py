@@ -22,16 +22,16 @@ PAPER = json.loads((Path(__file__).parents[1] / "baselines" / "paper.json").read
 # ------------------------------------------------------------------------------------------------- paper scale
 
 @pytest.mark.parametrize("name", list(PAPER))
-def test_paper_cost(bench, request, name):
+def test_paper_cost(bench, name):
     model = bench.paper_model(name)
     # The paper's own figures: a cross-check of the model definition, independent of any stored baseline.
     assert count_params(model) == PAPER[name]["params"]
     assert round(count_gmacs(model), 3) == PAPER[name]["gmacs"]
-    bench.check(request, bench.cost(model, bench.protocol(name, scale="paper"), batch_size=8))
+    bench.check(bench.cost(model, bench.protocol(name, scale="paper"), batch_size=8))
 
 
 @pytest.mark.parametrize("name", list(PAPER))
-def test_paper_forward(bench, request, name, benchmark):
+def test_paper_forward(bench, name, benchmark):
     model = bench.paper_model(name)
     x, t, y = example_inputs(model, batch_size=1, device=bench.device)
     bench.machine_peak()  # this machine's limits, once per process, for the report
@@ -48,51 +48,51 @@ def test_paper_forward(bench, request, name, benchmark):
     benchmark.extra_info.update(variant=name, gmacs=PAPER[name]["gmacs"],
                                 paper_forwards_per_s=PAPER[name]["batch1_forwards_per_s"])
     flops = 2e9 * count_gmacs(model)
-    bench.check(request, bench.efficiency(model, dict(call="forward", batch_size=1), flops,
-                                          bench.protocol(name, scale="paper", batch_size=1)))
+    bench.check(bench.efficiency(model, dict(call="forward", batch_size=1), flops,
+                                 bench.protocol(name, scale="paper", batch_size=1)))
 
 
 @pytest.mark.parametrize("part", ["attention", "mlp"])
-def test_paper_block_parts(bench, request, part):
+def test_paper_block_parts(bench, part):
     """One block's attention and MLP of DiT-S/2 (256 tokens, width 384), each timed against the yardstick: a
     slowdown inside one sub-layer shows here at full size instead of diluted in the whole forward."""
     model = bench.paper_model("DiT-S/2")
     flops = 2e9 * gmacs_breakdown(model)[part] / len(model.blocks)
-    bench.check(request, bench.efficiency(model, dict(call="block", part=part), flops,
-                                          bench.protocol("DiT-S/2", scale="paper", part=part, batch_size=1),
-                                          name=part, rounds=30))
+    bench.check(bench.efficiency(model, dict(call="block", part=part), flops,
+                                 bench.protocol("DiT-S/2", scale="paper", part=part, batch_size=1),
+                                 name=part, rounds=30))
 
 
 # ---------------------------------------------------------------------------------------------------- the zoo
 
-def test_quality(bench, request, variant):
+def test_quality(bench, variant):
     """FID, sFID, KID and precision/recall of the profile's samples; every sampling pass checks that the sampler
     ran exactly the protocol's number of denoising steps (Bench.samples)."""
     model = bench.reference_model(variant)
-    bench.check(request, bench.quality(model, bench.protocol(variant)))
+    bench.check(bench.quality(model, bench.protocol(variant)))
 
 
-def test_cost(bench, request, variant):
+def test_cost(bench, variant):
     model = bench.reference_model(variant)
     batch = bench.profile.throughput_batch_sizes[-1]
-    bench.check(request, bench.cost(model, bench.protocol(variant), batch_size=batch))
+    bench.check(bench.cost(model, bench.protocol(variant), batch_size=batch))
 
 
-def test_speed(bench, request, variant):
+def test_speed(bench, variant):
     """The forward at the profile's largest throughput batch against the yardstick, and full-chain sampling."""
     model = bench.reference_model(variant)
     batch = bench.profile.throughput_batch_sizes[-1]
     flops = 2e9 * count_gmacs(model) * batch
     protocol = bench.protocol(variant, batch_size=batch)
     measurements = bench.efficiency(model, dict(call="forward", batch_size=batch), flops, protocol)
-    bench.check(request, measurements + bench.sampling_speed(model, protocol))
+    bench.check(measurements + bench.sampling_speed(model, protocol))
 
 
 @given(batch=st.integers(1, 4), seed=st.integers(0, 2 ** 16), label_dropout=st.booleans())
-def test_forward_invariants(bench, variant, batch, seed, label_dropout):
+def test_forward_invariants(bench_session, variant, batch, seed, label_dropout):
     """Shape and finiteness for any timesteps and labels (the null class included), and each sample's output is
     independent of the rest of its batch."""
-    model = _zoo_model(bench, variant)
+    model = bench_session.reference_model(variant, device="cpu")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
@@ -104,12 +104,3 @@ def test_forward_invariants(bench, variant, batch, seed, label_dropout):
     assert out.shape == (batch, model.out_channels, model.input_size, model.input_size)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[:1], alone, rtol=1e-4, atol=1e-5)
-
-
-_MODELS = {}
-
-
-def _zoo_model(bench, variant):
-    if variant not in _MODELS:
-        _MODELS[variant] = bench.reference_model(variant).cpu()
-    return _MODELS[variant]

@@ -33,7 +33,9 @@ class Profile:
     sample_batch_size: int = 250
     eta: float = 0.0                 # DDIM's eta: 0 is deterministic, 1 has DDPM's variance; ddpm ignores it
     num_timesteps: int = 1000        # the training chain that `sampling_steps` respaces
-    extra: dict = field(default_factory=dict)
+    # The model shape of the paper-scale rows (seeded random weights: cost and speed on any profile), as
+    # create_model's keywords: arXiv 2509.17894's 32x32x4 SD-VAE latents and 200 classes.
+    paper_shape: dict = field(default_factory=lambda: dict(input_size=32, in_channels=4, num_classes=200))
 
     def train_config(self, variant, **overrides):
         """The full TrainConfig of one zoo member (the profile's shared settings plus `overrides`)."""
@@ -104,7 +106,6 @@ PROFILES = {
         evaluator="inception",
         throughput_batch_sizes=(1, 64, 256),
         quick_variants=("DiT-S/2",),
-        extra=dict(num_classes=200, vae_scale=0.18215),
     ),
 }
 

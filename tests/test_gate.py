@@ -2,7 +2,7 @@
 import pytest
 
 from fastdit.harness.gate import (DEFAULT_RULES, ELSEWHERE, FAILING, IMPROVED, MISMATCH, NO_BASELINE, PASSED,
-                                  REGRESSED, SCOPES, UNSTABLE, Measurement, judge, memory_scope)
+                                  REGRESSED, SCOPES, UNSTABLE, Measurement, judge, memory_scope, tolerance)
 
 MACHINE = dict(device="cpu", name="AMD EPYC", threads=1, workers=0, torch="2.14.1", cuda=None, capability=None)
 
@@ -78,7 +78,8 @@ def test_protocol_mismatch_names_the_field_and_fails():
 def test_machine_scoped_metrics_gate_only_on_the_same_machine():
     t = Measurement("forward_ms", 12.0, "ms", "lower", DEFAULT_RULES["time"], {}, scope="machine")
     base = stored(t, 10.0)
-    assert judge(t, base, MACHINE).outcome == PASSED  # +20% is within the 25% tolerance
+    assert judge(t, base, MACHINE).outcome == PASSED  # +20%: within the time rule's tolerance
+    assert DEFAULT_RULES["time"]["tolerance"] > 0.2
     assert judge(t, base, dict(MACHINE, workers=2)).outcome == ELSEWHERE
     hw = speed(1.0, (0.95, 1.05), scope="hardware")
     v = judge(hw, stored(hw, 1.0), dict(MACHINE, name="Intel Xeon", workers=2))
@@ -174,3 +175,46 @@ def test_bands_are_a_multiple_of_the_measured_move_and_never_below_their_floor()
     assert reproducibility_band("precision", 0.7, [0.0], n=1000) == pytest.approx(REPRODUCIBILITY["samples"] / 1000)
     assert fingerprint_band("samples:pixels", [0]) == 1.0
     assert fingerprint_band("forward", [2e-6]) == pytest.approx(factor * 2e-6)
+
+
+def test_the_constructors_by_kind_build_the_rules_direction_and_scope_of_their_kind():
+    p = {"variant": "DiT-mS/4"}
+    ratio = dict(ratio=2.0, ci_low=1.9, ci_high=2.1, p_value=0.01)  # as cost.speedup returns it
+    pairs = [
+        (Measurement.exact("params", 10, "", p),
+         Measurement("params", 10, "", "lower", dict(DEFAULT_RULES["exact"]), p)),
+        (Measurement.relative("err", 0.1, "", "lower", p, tolerance=0.25),
+         Measurement("err", 0.1, "", "lower", {"kind": "relative", "tolerance": 0.25}, p)),
+        (Measurement.reported("share", 0.5, "", "higher", p, scope="hardware", extra=dict(timing=[1.0])),
+         Measurement("share", 0.5, "", "higher", {"kind": "relative", "tolerance": 1.0}, p, scope="hardware",
+                     extra=dict(timing=[1.0], gated=False))),
+        (Measurement.memory("peak", 5, "B", p, "cpu"),
+         Measurement("peak", 5, "B", "lower", dict(DEFAULT_RULES["memory"]), p, scope="software")),
+        (Measurement.memory("peak", 5, "B", p, "cuda"),
+         Measurement("peak", 5, "B", "lower", dict(DEFAULT_RULES["memory"]), p, scope="hardware")),
+        (Measurement.absolute_time("ms", 3.0, "ms", p, noise=0.1),
+         Measurement("ms", 3.0, "ms", "lower", dict(DEFAULT_RULES["time"]), p, noise=0.1, scope="machine")),
+        (Measurement.speedup("forward_speedup", ratio, p),
+         Measurement("forward_speedup", 2.0, "x", "higher", dict(DEFAULT_RULES["speed"]), p, ci=(1.9, 2.1),
+                     p_value=0.01, scope="hardware")),
+        (Measurement.ratio("forward_efficiency", 0.3, "of matmul", p, (0.2, 0.4), DEFAULT_RULES["efficiency"]),
+         Measurement("forward_efficiency", 0.3, "of matmul", "higher", dict(DEFAULT_RULES["efficiency"]), p,
+                     ci=(0.2, 0.4), scope="hardware")),
+    ]
+    for built, by_hand in pairs:
+        assert built == by_hand
+        assert built.entry(MACHINE, "2026-11-26", "test") == by_hand.entry(MACHINE, "2026-11-26", "test")
+    assert Measurement.exact("params", 1, "", p).rule is not DEFAULT_RULES["exact"]  # a copy per measurement
+
+
+def test_tolerance_is_the_margin_judge_applies():
+    noisy = stored(quality(2.5), 2.5)             # max(floor 0.1, 3 x noise 0.2)
+    assert tolerance(noisy) == pytest.approx(0.6)
+    assert judge(quality(2.5 + 0.59), noisy, MACHINE).outcome == PASSED
+    assert judge(quality(2.5 + 0.61), noisy, MACHINE).outcome == REGRESSED
+    assert tolerance(stored(quality(2.5, noise=None), 2.5)) == 0.1   # the floor alone
+    memory = Measurement.memory("peak_memory_bytes", 100, "B", {}, "cpu")
+    assert tolerance(stored(memory, 100)) == pytest.approx(10.0)
+    assert tolerance(stored(exact(100), 100)) == 0.0
+    with pytest.raises(ValueError, match="no single tolerance"):
+        tolerance(stored(speed(2.0, (1.9, 2.1)), 2.0))

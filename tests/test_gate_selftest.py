@@ -7,7 +7,6 @@ chosen by FASTDIT_PLANT, before anything is imported by the tests:
     skip-last-step     the DDIM sampler stops one step early and returns x_1 instead of x_0
     extra-block        the zoo model silently grows by one transformer block
     slow-forward:P     every DiT forward takes P% longer
-    slow-pruned-attention:P   the pruned attention's forward (one technique's code) takes P% longer
     grow-memory:F      every DiT forward holds F x (batch, tokens, width) floats more through its peak
     new-technique      the head registers a technique the base does not have
     eta-default:V      the samplers' default DDIM eta becomes V (generate and ddim_sample; the profile passes its own)
@@ -36,7 +35,6 @@ import time
 
 import pytest
 
-pytest_plugins = ["fastdit.harness.plugin"]
 PLANT = os.environ.get("FASTDIT_PLANT", "")
 
 if PLANT == "slow-attention":
@@ -89,10 +87,6 @@ if kind == "slow-forward":  # every DiT forward, by `amount` percent
     from fastdit.models.dit import DiT
     DiT.forward = _busy(DiT.forward, float(amount) / 100)
 
-if kind == "slow-pruned-attention":  # only the pruned attention's forward (one technique's code path)
-    from fastdit.techniques.pruning import PrunedAttention
-    PrunedAttention.forward = _busy(PrunedAttention.forward, float(amount) / 100)
-
 if kind == "grow-memory":  # every DiT forward holds `amount` x (batch, tokens, width) floats more at its peak
     import torch
     from fastdit.models.dit import DiT
@@ -141,8 +135,8 @@ if PLANT == "extra-block":
     from fastdit.harness.session import Bench
     load = Bench.reference_model
 
-    def grown(self, variant):
-        model = load(self, variant)
+    def grown(self, variant, *args, **kwargs):
+        model = load(self, variant, *args, **kwargs)
         model.blocks.append(copy.deepcopy(model.blocks[-1]))
         return model
     Bench.reference_model = grown
@@ -298,12 +292,11 @@ NEW_TECHNIQUE_BENCH = """
 from fastdit.techniques import TECHNIQUES
 
 
-def test_new_technique(bench, request):
+def test_new_technique(bench):
     reference = bench.paper_model("DiT-XS/4")
     setting = TECHNIQUES["selftest-half-depth"]()
     model = bench.apply(bench.paper_model("DiT-XS/4"), setting, "DiT-XS/4")
-    bench.check(request, bench.speedup(reference, model, bench.protocol("DiT-XS/4", setting, scale="paper"),
-                                       rounds=5))
+    bench.check(bench.speedup(reference, model, bench.protocol("DiT-XS/4", setting, scale="paper"), rounds=5))
 """
 
 

@@ -46,3 +46,10 @@ def test_the_profile_sampler_passes_every_choice_explicitly(monkeypatch):
     for parameter in ("sampler", "eta", "cfg_scale", "guided_channels", "clip_denoised", "batch_size", "seed"):
         assert parameter in seen, parameter
     assert seen["eta"] == profile.eta and seen["sampler"] == profile.sampler
+
+
+def test_the_paper_scale_protocol_records_the_profiles_paper_shape():
+    profile = get_profile("cpu")
+    protocol = Bench.protocol(SimpleNamespace(profile=profile, machine={"device": "cpu"}), "DiT-S/2", scale="paper")
+    assert {k: protocol[k] for k in profile.paper_shape} == dict(input_size=32, in_channels=4, num_classes=200)
+    assert "n" not in protocol and protocol["technique"] == "reference"

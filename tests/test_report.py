@@ -1,7 +1,8 @@
 """The bench report: markdown tables, the Pareto front and plot, and pytest-benchmark's JSON layout."""
 import json
 
-from fastdit.harness.report import label_offsets, markdown, pareto_front, short_label, summary_rows, write_report
+from fastdit.harness.report import label_offsets, markdown, pareto_front, summary_rows, write_report
+from fastdit.techniques import describe
 
 MACHINE = dict(device="cpu", name="AMD EPYC", torch="2.14.1", workers=0)
 
@@ -52,11 +53,22 @@ def test_label_offsets_lift_a_label_off_the_ones_it_would_cover():
     assert dys[1] == 9.0 and dys[2] == 16.0     # each lifted by a label height above the last
 
 
-def test_short_labels():
-    assert short_label("prune-heads[keep=0.5,mode=remove]") == "prune-heads 0.5,remove"
-    assert short_label("reference") == "reference"
-    assert short_label("moe[experts=8,top_k=2,every=1,balance=paper,coef=0.005,capacity=0,init=upcycle]") == \
-        "moe 8,2,1,paper,0.005,0,upc~"
+def test_rows_are_labelled_in_words_and_the_json_keeps_the_stack_id(tmp_path):
+    stack = "prune-heads[keep=0.5,mode=remove]+recover[steps=200,lr=0.0003]"
+    records = [record("reference", dict(fid=2.5)), record(stack, dict(fid=3.0, forward_speedup=1.4, gmacs=0.01))]
+    text = markdown(records)
+    assert f"| {describe(stack)} | DiT-mS/4 | 3.000 |" in text
+    assert f"| {describe('reference')} | DiT-mS/4 | 2.500 |" in text
+    _, _, js = write_report(records, tmp_path)
+    entry = json.loads(js.read_text())["benchmarks"][0]
+    assert entry["fullname"] == f"bench/test_x.py::test_y[{stack}]:forward_speedup"
+
+
+def test_the_paper_title_names_the_shape_its_rows_recorded():
+    shape = dict(input_size=32, in_channels=4, num_classes=200)
+    paper = record("reference", dict(gmacs=1.2), scale="paper")
+    paper["metrics"][0]["protocol"] = dict(paper["metrics"][0]["protocol"], **shape)
+    assert "## paper scale (32x32x4, 200 classes)" in markdown([paper])
 
 
 def test_report_from_baselines_shows_noise_and_no_verdicts(tmp_path, capsys):

@@ -23,6 +23,7 @@ difference in the protocol (the fields that change the number: variant, data, sa
 a failure that names the field: numbers measured under different protocols are never compared.
 """
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 # Outcomes, and whether each fails the test.
@@ -72,14 +73,14 @@ REPRODUCIBILITY = {
 }
 
 
-def reproducibility_band(metric, value, moves, n=None):
+def reproducibility_band(metric: str, value: float, moves: Sequence[float], n: int | None = None) -> float:
     """The band of a scalar metric from the moves (absolute differences) measured under the perturbations."""
     r = REPRODUCIBILITY
     floor = r["samples"] / n if n and metric in r["counted"] else r["relative"] * abs(value)
     return float(max(r["factor"] * max(moves, default=0.0), floor))
 
 
-def fingerprint_band(group, moves):
+def fingerprint_band(group: str, moves: Sequence[float]) -> float:
     """The band of one fingerprint group: `moves` are its largest differences under each perturbation."""
     r = REPRODUCIBILITY
     floor = next((v for k, v in r["groups"].items() if group.endswith(k)), r["groups"]["forward"])
@@ -105,7 +106,58 @@ class Measurement:
     band_moves: dict | None = None     # what set the band: {perturbation: largest move} (per group for a fingerprint)
     extra: dict = field(default_factory=dict)
 
-    def entry(self, machine, date, reason):
+    # Constructors by kind of metric: each sets the rule, direction and scope its kind is gated by (DEFAULT_RULES,
+    # SCOPES); `fields` are the remaining dataclass fields (noise, ci, extra, ...).
+
+    @classmethod
+    def exact(cls, metric: str, value: float, unit: str, protocol: dict, direction: str = "lower",
+              **fields) -> "Measurement":
+        """A deterministic count (parameters, bytes, GMACs, a share of them): any change is reported, a change in
+        the bad direction fails, on any machine."""
+        return cls(metric, value, unit, direction, dict(DEFAULT_RULES["exact"]), protocol, **fields)
+
+    @classmethod
+    def relative(cls, metric: str, value: float, unit: str, direction: str, protocol: dict, tolerance: float,
+                 **fields) -> "Measurement":
+        """Fails when worse than its baseline by more than `tolerance`, a fraction of the baseline."""
+        return cls(metric, value, unit, direction, {"kind": "relative", "tolerance": tolerance}, protocol, **fields)
+
+    @classmethod
+    def reported(cls, metric: str, value: float, unit: str, direction: str, protocol: dict, tolerance: float = 1.0,
+                 **fields) -> "Measurement":
+        """Recorded and shown beside its baseline, never failing: a move past `tolerance` (relative) is reported."""
+        fields["extra"] = dict(fields.get("extra") or {}, gated=False)
+        return cls.relative(metric, value, unit, direction, protocol, tolerance, **fields)
+
+    @classmethod
+    def memory(cls, metric: str, value: float, unit: str, protocol: dict, device: str, **fields) -> "Measurement":
+        """Peak memory (or a ratio of peaks) on a device of type `device`: the memory rule, scoped by memory_scope."""
+        return cls(metric, value, unit, "lower", dict(DEFAULT_RULES["memory"]), protocol, scope=memory_scope(device),
+                   **fields)
+
+    @classmethod
+    def absolute_time(cls, metric: str, value: float, unit: str, protocol: dict, noise: float,
+                      direction: str = "lower", **fields) -> "Measurement":
+        """An absolute time or rate: the time rule, on an identical machine only."""
+        return cls(metric, value, unit, direction, dict(DEFAULT_RULES["time"]), protocol, noise=noise,
+                   scope="machine", **fields)
+
+    @classmethod
+    def ratio(cls, metric: str, value: float, unit: str, protocol: dict, ci: tuple, rule: dict,
+              **fields) -> "Measurement":
+        """A speed ratio between two computations timed interleaved (higher is better), with its 95% CI: a ratio
+        rule, on the same hardware."""
+        return cls(metric, value, unit, "higher", dict(rule), protocol, ci=ci, scope="hardware", **fields)
+
+    @classmethod
+    def speedup(cls, metric: str, speed: dict, protocol: dict, rule: dict | None = None,
+                **fields) -> "Measurement":
+        """A speedup from cost.speedup (ratio, ci_low, ci_high, p_value), gated by `rule` (default: the speed
+        rule)."""
+        return cls.ratio(metric, speed["ratio"], "x", protocol, (speed["ci_low"], speed["ci_high"]),
+                         rule or DEFAULT_RULES["speed"], p_value=speed["p_value"], **fields)
+
+    def entry(self, machine: dict, date: str, reason: str) -> dict:
         """The baseline-file entry recording this measurement."""
         out = dict(value=float(self.value), unit=self.unit, direction=self.direction, rule=dict(self.rule),
                    noise=None if self.noise is None else float(self.noise), protocol=dict(self.protocol),
@@ -132,20 +184,20 @@ class Verdict:
     changed: bool = False           # outside its reproducibility band: the outputs changed (also when improved)
 
     @property
-    def failed(self):
+    def failed(self) -> bool:
         return self.outcome in FAILING
 
     @property
-    def delta(self):
+    def delta(self) -> float | None:
         if self.baseline is None:
             return None
         return self.value - self.baseline
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return dict(asdict(self), delta=self.delta)
 
 
-def judge(m, stored, machine):
+def judge(m: Measurement, stored: dict | None, machine: dict) -> Verdict:
     """The verdict for Measurement `m` against the stored baseline entry (None: nothing stored for this metric)."""
     def verdict(outcome, detail, recorded=None, changed=False):
         return Verdict(m.metric, outcome, float(m.value), None if stored is None else float(stored["value"]), m.unit,
@@ -173,20 +225,34 @@ def judge(m, stored, machine):
         return verdict(IMPROVED, f"changed from {base:g} to {m.value:g}")
     if kind == "noise":
         noise = stored.get("noise") or 0.0
-        tolerance = max(rule.get("floor", 0.0), rule.get("k", 3.0) * noise)
-        if tolerance <= 0:
+        limit = tolerance(stored)
+        if limit <= 0:
             return verdict(UNSTABLE, "no calibrated noise stored: record the baseline again to calibrate it")
         why = f"tolerance max(floor {rule.get('floor', 0.0):g}, {rule.get('k', 3.0):g} x noise {noise:.3g}) " \
-              f"= {tolerance:.3g}"
-        return _reproduced(verdict, _by_tolerance(verdict, worse, tolerance, why), m.value - base, stored.get("band"))
+              f"= {limit:.3g}"
+        return _reproduced(verdict, _by_tolerance(verdict, worse, limit, why), m.value - base, stored.get("band"))
     if kind == "fingerprint":
         return _judge_fingerprint(verdict, m.fingerprint or {}, stored.get("fingerprint") or {}, stored.get("band"))
     if kind == "relative":
-        tolerance = rule["tolerance"] * abs(base)
-        return _by_tolerance(verdict, worse, tolerance, f"tolerance {rule['tolerance']:.0%} of the baseline")
+        return _by_tolerance(verdict, worse, tolerance(stored), f"tolerance {rule['tolerance']:.0%} of the baseline")
     if kind == "ratio":
         return _judge_ratio(verdict, m, base, stored["direction"], rule)
     raise ValueError(f"unknown rule kind {kind!r}")
+
+
+def tolerance(stored: dict) -> float:
+    """How far the gate lets the metric of a stored baseline entry worsen before it fails, in the metric's units:
+    max(floor, k x the calibrated noise) under a "noise" rule (0 when nothing is calibrated: the gate calls the
+    metric unstable), the rule's fraction of the baseline under a "relative" one, 0 under "exact". Ratio rules also
+    ask for significance and fingerprints compare groups: neither has one tolerance."""
+    rule, kind = stored["rule"], stored["rule"]["kind"]
+    if kind == "noise":
+        return max(rule.get("floor", 0.0), rule.get("k", 3.0) * (stored.get("noise") or 0.0))
+    if kind == "relative":
+        return rule["tolerance"] * abs(float(stored["value"]))
+    if kind == "exact":
+        return 0.0
+    raise ValueError(f"a {kind!r} rule has no single tolerance")
 
 
 def _worse(value, base, direction):
@@ -287,11 +353,12 @@ class BaseVerdict:
     p_value: float | None = None
     detail: str = ""
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
-def judge_time_against_base(head, base, rule=None, n_boot=2000, seed=0):
+def judge_time_against_base(head: Sequence[float], base: Sequence[float], rule: dict | None = None, n_boot: int = 2000,
+                            seed: int = 0) -> BaseVerdict:
     """Head and base seconds, paired by round -> BaseVerdict on the head/base time ratio (> 1: head is slower)."""
     import numpy as np
     from scipy.stats import wilcoxon
@@ -315,7 +382,7 @@ def judge_time_against_base(head, base, rule=None, n_boot=2000, seed=0):
     return BaseVerdict(PASSED, ratio, (low, high), slower, f"{evidence}: within {threshold:.0%} or not significant")
 
 
-def judge_memory_against_base(head, base, rule=None):
+def judge_memory_against_base(head: int, base: int, rule: dict | None = None) -> BaseVerdict:
     """Head and base peak bytes of the same call on the same machine -> BaseVerdict on head/base."""
     rule = rule or BASE_RULES["memory"]
     ratio = head / base if base else (1.0 if head == base else math.inf)
@@ -327,7 +394,7 @@ def judge_memory_against_base(head, base, rule=None):
     return BaseVerdict(PASSED, ratio, detail=f"{evidence}: within {rule['tolerance']:.0%}")
 
 
-def confirm(first, second):
+def confirm(first: BaseVerdict, second: BaseVerdict) -> BaseVerdict:
     """A regression against base stands only if a second, independent measurement of the pair agrees."""
     if first.outcome != REGRESSED:
         return first
@@ -338,7 +405,7 @@ def confirm(first, second):
                        f"measured again: {second.detail} (the first measurement read {first.ratio:.3f}x)")
 
 
-def protocol_difference(stored, now):
+def protocol_difference(stored: dict, now: dict) -> str:
     """'' when the protocols agree, else a sentence naming the first field that differs."""
     for key in sorted(set(stored) | set(now)):
         if stored.get(key) != now.get(key):
@@ -386,12 +453,12 @@ SCOPES = {
 SCOPE_FIELDS = {scope: spec["fields"] for scope, spec in SCOPES.items()}
 
 
-def memory_scope(device_type):
+def memory_scope(device_type: str) -> str:
     """Peak memory gates on any CPU with the same torch; on a GPU only on the same card (see SCOPES)."""
     return "software" if device_type == "cpu" else "hardware"
 
 
-def machine_difference(stored, now, scope):
+def machine_difference(stored: dict, now: dict, scope: str) -> str:
     """'' when a baseline of `scope` recorded on machine `stored` applies here, else the first differing field."""
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
@@ -408,7 +475,7 @@ def _fingerprint_field(machine, key):
     return value.split("+")[0] if key == "torch" and isinstance(value, str) else value
 
 
-def recorded_on(machine):
+def recorded_on(machine: dict) -> str:
     """A runner as the summary names it: "AMD EPYC (cpu, 1 thread, torch 2.14.1+cu130)"."""
     threads = machine.get("threads")
     parts = [machine.get("device")] + ([f"{threads} thread{'s' if threads != 1 else ''}"] if threads else []) + \

@@ -1,9 +1,11 @@
 """The pytest plugin behind `pytest bench`: options, tiers, the `bench` fixture, the summary table and the report.
 
-Loaded by the repository's root conftest.py (`pytest_plugins = ["fastdit.harness.plugin"]`); a team that installs
-fastdit in its own repository loads it the same way.
+Installing fastdit registers it (the `pytest11` entry point "fastdit" in pyproject.toml), so any repository whose
+environment has fastdit gets the options, the fixture and the gate with no conftest line; `-p no:fastdit` turns it
+off, and `-p fastdit` loads it where plugin autoloading is disabled (PYTEST_DISABLE_PLUGIN_AUTOLOAD).
 """
 import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import pytest
 import torch
 
 from ..techniques import stack_id
+from . import tiered
+from .fixture import BenchFixture
 from .gate import CHANGED, ELSEWHERE, IMPROVED, NO_BAND, NO_BASELINE, SCOPES, UNSTABLE, recorded_on
 from .session import PROPERTY, Bench, SetupError
 
@@ -18,6 +22,14 @@ TIERS = ("quick", "full")
 TRAINED = "fastdit-trained"  # key of the trainings a test ran, in its report's user_properties
 STALE = "fastdit-stale"      # key of committed weights whose training code has changed
 INVARIANT = "invariant"      # the verdict row of a bench test that failed before the gate judged its metrics
+
+
+def pytest_plugin_registered(plugin, plugin_name, manager):
+    """Loaded through the entry point, this module blocks its own module name, so that a conftest still naming it
+    (`pytest_plugins = ["fastdit.harness.plugin"]`, the way before the entry point) finds it loaded instead of
+    registering it a second time, which pluggy refuses."""
+    if plugin is sys.modules[__name__] and plugin_name != __name__ and not manager.has_plugin(__name__):
+        manager.set_blocked(__name__)
 
 
 def pytest_addoption(parser):
@@ -200,7 +212,7 @@ class _TrainingLog:
         if self.stale:
             report.user_properties += [(STALE, t) for t in self.stale]
             self.stale = []
-        if call.when == "call" and report.failed and "bench" in getattr(item, "fixturenames", ()):
+        if call.when == "call" and report.failed and "bench_session" in getattr(item, "fixturenames", ()):
             _invariant_row(item, call, report)
 
 
@@ -221,12 +233,20 @@ def _invariant_row(item, call, report):
 
 
 @pytest.fixture(scope="session")
-def bench(request):
-    """The session's Bench: profile, device, baselines, measuring and gating helpers."""
+def bench_session(request) -> Bench:
+    """The session's Bench (profile, device, baselines, the models it loaded, measuring helpers), kept on the
+    config. Property tests that hypothesis runs many times take this one: a function-scoped fixture is not reset
+    between hypothesis's examples, and hypothesis refuses one."""
     config = request.config
     if not hasattr(config, "_fastdit_bench"):
         config._fastdit_bench = Bench(config)
     return config._fastdit_bench
+
+
+@pytest.fixture
+def bench(bench_session, request) -> BenchFixture:
+    """The session's Bench bound to this test: `bench.check(measurements)` judges them for this test's report."""
+    return BenchFixture(bench_session, request.node)
 
 
 @pytest.fixture(autouse=True)
@@ -242,7 +262,8 @@ def _fresh_compiler():
 def pytest_collection_modifyitems(config, items):
     """Early, clear errors: a corrupt baseline file, an unknown profile, or a data set or evaluator that cannot be
     found stops the run once, before any measuring."""
-    if any("bench" in getattr(item, "fixturenames", ()) for item in items) and not hasattr(config, "_fastdit_bench"):
+    if any("bench_session" in getattr(item, "fixturenames", ()) for item in items) and \
+            not hasattr(config, "_fastdit_bench"):
         from ..baselines import BaselineError
         try:
             config._fastdit_bench = Bench(config)
@@ -292,17 +313,12 @@ def pytest_generate_tests(metafunc):
             raise pytest.UsageError(str(err)) from None
         full = config.getoption("fastdit_tier") == "full"
         quick = profile.quick_variants
-        params = [pytest.param(v, id=v, marks=() if v in quick else pytest.mark.bench_full)
-                  for v in profile.variants if full or v in quick]
-        metafunc.parametrize("variant", params)
+        metafunc.parametrize("variant", tiered([v for v in profile.variants if full or v in quick], quick))
     if "setting" in metafunc.fixturenames and not _parametrized(metafunc, "setting"):
         settings = getattr(metafunc.module, "SETTINGS", None)
         if settings is None:
             raise pytest.UsageError(f"{metafunc.module.__name__} uses the `setting` fixture but defines no SETTINGS")
-        quick = set(getattr(metafunc.module, "QUICK", ()))
-        params = [pytest.param(s, id=stack_id(s), marks=() if stack_id(s) in quick else pytest.mark.bench_full)
-                  for s in settings]
-        metafunc.parametrize("setting", params)
+        metafunc.parametrize("setting", tiered(settings, set(getattr(metafunc.module, "QUICK", ())), id=stack_id))
 
 
 def _parametrized(metafunc, name):

@@ -7,7 +7,8 @@
     benchmark.json  every timing in pytest-benchmark's JSON format, so `pytest-benchmark compare` reads it
 
 Records are the dicts Bench.check attaches to each test report (see fastdit.harness.session). The committed baselines
-render the same way (`fastdit report`, through records_from_baselines): what CI gates against, read as tables.
+render the same way (`fastdit report`, through records_from_baselines): what CI gates against, read as tables. Rows
+and plot points are labelled in words (fastdit.techniques.describe); benchmark.json and the records keep the stack id.
 """
 import datetime
 import json
@@ -15,6 +16,7 @@ import math
 from pathlib import Path
 
 from ..files import atomic_write
+from ..techniques import describe
 
 # Report columns: (metric, header, format).
 COLUMNS = [
@@ -125,7 +127,7 @@ def markdown(records, source=None):
     if peak:
         lines += [f"Machine limits (1 thread on CPU): matmul {peak['matmul_gflops']:.1f} GFLOP/s, copy "
                   f"{peak['memory_gbps']:.1f} GB/s.", ""]
-    titles = {"zoo": "trained zoo", "paper": "paper scale (32x32x4, 200 classes)"}
+    titles = {"zoo": "trained zoo", "paper": _paper_title(records)}
     for scale, rows in sorted(rows_by_model(records).items()):
         present = [c for c in COLUMNS if any(c[0] in v for v in rows.values())]
         if not present:
@@ -135,7 +137,7 @@ def markdown(records, source=None):
                   "|---|---|" + "---|" * len(present)]
         for (tech, variant), values in sorted(rows.items(), key=lambda kv: (kv[0][0] != "reference", kv[0])):
             cells = [_cell(values, metric, fmt) for metric, _, fmt in present]
-            lines.append(f"| {tech} | {variant} | " + " | ".join(cells) + " |")
+            lines.append(f"| {describe(tech)} | {variant} | " + " | ".join(cells) + " |")
         lines.append("")
     if source:
         return "\n".join(lines)
@@ -152,6 +154,16 @@ def markdown(records, source=None):
     return "\n".join(lines) + "\n"
 
 
+def _paper_title(records):
+    """"paper scale (32x32x4, 200 classes)": the model shape its rows' protocols recorded."""
+    shape = next((m["protocol"] for rec in records for m in rec["metrics"]
+                  if m.get("protocol", {}).get("scale") == "paper" and "input_size" in m["protocol"]), None)
+    if shape is None:
+        return "paper scale"
+    side = shape["input_size"]
+    return f"paper scale ({side}x{side}x{shape.get('in_channels', '?')}, {shape.get('num_classes', '?')} classes)"
+
+
 def pareto_front(points):
     """Indices of the points not dominated in (higher speed, lower fid)."""
     front = []
@@ -159,17 +171,6 @@ def pareto_front(points):
         if not any((s2 >= s and f2 <= f) and (s2 > s or f2 < f) for s2, f2 in points):
             front.append(i)
     return sorted(front, key=lambda i: points[i][0])
-
-
-def short_label(technique, limit=28):
-    """'prune-heads[keep=0.5,mode=remove]' -> 'prune-heads 0.5,remove': a plot label, not an id."""
-    parts = []
-    for part in technique.split("+"):
-        name, _, values = part.partition("[")
-        values = ",".join(v.split("=", 1)[-1] for v in values.rstrip("]").split(",") if v)
-        text = f"{name} {values}".strip()
-        parts.append(text if len(text) <= limit else text[:limit - 1] + "~")
-    return "+".join(parts)
 
 
 def label_offsets(anchors, px_per_pt, width_pt=110, height_pt=7):
@@ -221,7 +222,7 @@ def pareto_plot(records, path):
         ax.autoscale_view()
         anchors = ax.transData.transform([pts[i] for i in front])   # pixels, on the final scale and limits
         for i, dy in zip(front, label_offsets(anchors, fig.dpi / 72)):
-            ax.annotate(short_label(points[i][2]), pts[i], fontsize=6, xytext=(4, dy), textcoords="offset points",
+            ax.annotate(describe(points[i][2]), pts[i], fontsize=6, xytext=(4, dy), textcoords="offset points",
                         arrowprops=dict(arrowstyle="-", lw=0.3, color="0.5") if dy > 2 else None)
         ax.set_title(variant, fontsize=10)
         ax.set_xlabel("forward speedup over the unoptimized model (x, same run)", fontsize=8)

@@ -1,4 +1,4 @@
-"""The `bench` fixture: what a benchmark test builds, measures and hands to the gate.
+"""The bench session: what a benchmark test builds, measures and hands to the gate, once per pytest process.
 
 A bench test reads like the paper's protocol:
 
@@ -6,14 +6,18 @@ A bench test reads like the paper's protocol:
         model = bench.apply(bench.reference_model(variant), setting, variant)
         bench.check(bench.quality(model, bench.protocol(variant, setting)))
 
-Every measurement is a gate.Measurement with its unit, direction, rule and protocol; `check` judges them against the
-stored baselines (or records them with --update-baselines), attaches the verdicts to the test report (so the summary
-table and the report see them under xdist too) and fails the test on a regression or a protocol mismatch.
+`bench` is the session's Bench bound to the test (fastdit.harness.fixture.BenchFixture). Every measurement is a
+gate.Measurement with its unit, direction, rule and protocol; `check` judges them against the stored baselines (or
+records them with --update-baselines), attaches the verdicts to the test report (so the summary table and the report
+see them under xdist too) and fails the test on a regression or a protocol mismatch.
 """
+import copy
 import datetime
+import inspect
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +31,8 @@ from ..metrics.flops import count_params
 from ..profiles import default_profile, get_profile
 from . import compare
 from .gate import (BASE_CANNOT_BUILD, CHANGED, DEFAULT_RULES, ELSEWHERE, FAILING, IMPROVED, NEW_IN_HEAD,
-                   NO_BASELINE, RECORDED, REGRESSED, BaseVerdict, Measurement, confirm, fingerprint_band,
-                   judge, judge_memory_against_base, judge_time_against_base, memory_scope, reproducibility_band)
+                   NO_BASELINE, RECORDED, REGRESSED, BaseVerdict, Measurement, Verdict, confirm, fingerprint_band,
+                   judge, judge_memory_against_base, judge_time_against_base, reproducibility_band)
 from .worker import workload
 
 # The yardstick for machine-relative speed: a square fp32 matmul, timed interleaved with what is measured, so that
@@ -53,6 +57,7 @@ class SetupError(Exception):
 
 
 ORIGIN = "fastdit_origin"  # attribute of a model the Bench built: what it is, so that the base can build the same
+Stack = techniques.Technique | Sequence[techniques.Technique]  # what Bench.apply applies, in order
 
 
 def _origin(model, origin):
@@ -84,6 +89,9 @@ def _image_print(name, images):
 
 
 class Bench:
+    """One per pytest process (kept on the config): the profile, device and baselines of the run, the models it
+    loaded, and the measuring and gating helpers the `bench` fixture exposes."""
+
     def __init__(self, config):
         opt = config.getoption
         device = opt("fastdit_device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,11 +119,13 @@ class Bench:
         self.report_changed = opt("fastdit_report_changed")
         self.workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
         self.machine = dict(cost.describe_device(device), workers=self.workers)
-        root = Path(opt("fastdit_baselines") or Path(config.rootpath) / "baselines")
+        self.rootpath = Path(config.rootpath)
+        root = Path(opt("fastdit_baselines") or self.rootpath / "baselines")
         self.baselines = BaselineFile(root, self.profile.name, device_class(self.machine))
         self.stored = self.baselines.load()  # a corrupt file fails here, before anything is measured
         self._evaluator = self._reference_features = None
         self._peak = None
+        self._references = {}  # (variant, device) -> the loaded zoo model, copied for each caller
         # --compare-to: the plugin checked the base tree out (once, on the xdist controller); each process runs its
         # own worker on it.
         base = getattr(config, "_fastdit_base", None)
@@ -139,28 +149,30 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------------ building
 
-    def variants(self):
-        """The profile's variants this tier runs: all of them in `full`, the representative ones in `quick`."""
-        return self.profile.variants if self.tier == "full" else self.profile.quick_variants
+    def reference_model(self, variant: str, device: str | None = None) -> torch.nn.Module:
+        """A fresh copy of the trained, unoptimized zoo model on `device` (default: the run's), which techniques may
+        modify in place: loaded once per session, copied for every call."""
+        device = device or self.device
+        if (variant, device) not in self._references:
+            from ..zoo import reference_model
+            model, info = reference_model(self.profile, variant, device=device, progress=False)
+            self._references[variant, device] = _origin(model, dict(kind="checkpoint", variant=variant,
+                                                                    path=str(Path(info["path"]).resolve())))
+        return copy.deepcopy(self._references[variant, device])
 
-    def reference_model(self, variant):
-        """A fresh copy of the trained, unoptimized zoo model (techniques may modify it in place)."""
-        from ..zoo import reference_model
-        model, info = reference_model(self.profile, variant, device=self.device, progress=False)
-        return _origin(model, dict(kind="checkpoint", path=str(Path(info["path"]).resolve()), variant=variant))
-
-    def paper_model(self, variant, seed=0):
-        """The paper-scale model (32x32x4 latents, 200 classes), seeded random weights: enough for cost metrics."""
+    def paper_model(self, variant: str, seed: int = 0, **overrides) -> torch.nn.Module:
+        """The paper-scale model (the profile's paper_shape: 32x32x4 latents, 200 classes), seeded random weights:
+        enough for cost and speed. `overrides` change the architecture (create_model's keywords)."""
         from ..models import create_model
         torch.manual_seed(seed)
-        kwargs = dict(input_size=32, in_channels=4, num_classes=200)
+        kwargs = dict(self.profile.paper_shape, **overrides)
         model = create_model(variant, **kwargs).to(self.device).eval()
         return _origin(model, dict(kind="paper", variant=variant, seed=seed, kwargs=kwargs))
 
-    def context(self, variant):
+    def context(self, variant: str) -> techniques.Context:
         return techniques.Context(device=self.device, profile=self.profile, variant=variant)
 
-    def apply(self, model, stack, variant):
+    def apply(self, model: torch.nn.Module, stack: Stack, variant: str) -> torch.nn.Module:
         """The techniques applied in order; the result remembers where it came from (for --compare-to)."""
         from ..zoo import TRAINED_LOADS
         origin = getattr(model, ORIGIN, None)
@@ -173,7 +185,7 @@ class Bench:
                               variant=variant, trained=origin.get("trained", False) or TRAINED_LOADS[0] != loads))
         return out
 
-    def protocol(self, variant, stack=(), scale="zoo", **fields):
+    def protocol(self, variant: str, stack: Stack = (), scale: str = "zoo", **fields) -> dict:
         """Every field that changes a number of this test; a baseline recorded under another protocol never gates."""
         p = self.profile
         base = dict(scale=scale, variant=variant, technique=techniques.stack_id(stack), device=self.machine["device"],
@@ -186,7 +198,7 @@ class Bench:
                         cfg=p.cfg_scale, guided=p.guided_channels, clip=p.clip_denoised, n=p.fid_samples,
                         seed=0, sample_batch_size=p.sample_batch_size, evaluator=p.evaluator)
         else:
-            base.update(input_size=32, in_channels=4, num_classes=200)
+            base.update(p.paper_shape)
         base.update(fields)
         return base
 
@@ -221,7 +233,8 @@ class Bench:
                                  f"protocol ({p.sampler}, {p.sampling_steps} steps) needs {p.sampling_steps}")
         return images
 
-    def sampling_speed(self, model, protocol, batch_size=None, rounds=3, threads=1):
+    def sampling_speed(self, model: torch.nn.Module, protocol: dict, batch_size: int | None = None, rounds: int = 3,
+                       threads: int = 1) -> list[Measurement]:
         """Images/s of the full sampling chain (the profile's sampler and steps) at the largest throughput batch that
         fits a sample batch; an absolute rate, so it is gated only on this very machine, or against the base."""
         p = self.profile
@@ -237,13 +250,13 @@ class Bench:
         timings = self._time(fns, base, rounds, threads, warmup=1)
         t = timings["sampling"]
         protocol = dict(protocol, batch_size=batch_size, threads=threads or torch.get_num_threads())
-        return [Measurement("sampling_images_per_s", batch_size / t.median_s, "images/s", "higher",
-                            dict(DEFAULT_RULES["time"]), protocol, noise=batch_size * t.iqr_s / t.median_s ** 2,
-                            scope="machine", extra=dict(timing=t.samples, gated=self.gate_times,
-                                                        base=self._against_base(base, fns, timings, rounds,
-                                                                                threads, model, work)))]
+        return [Measurement.absolute_time("sampling_images_per_s", batch_size / t.median_s, "images/s", protocol,
+                                          noise=batch_size * t.iqr_s / t.median_s ** 2, direction="higher",
+                                          extra=dict(timing=t.samples, gated=self.gate_times,
+                                                     base=self._against_base(base, fns, timings, rounds, threads,
+                                                                             model, work)))]
 
-    def quality(self, model, protocol):
+    def quality(self, model: torch.nn.Module, protocol: dict) -> list[Measurement]:
         """FID, sFID, KID, precision and recall of the profile's N samples (seed 0) against the reference set, and
         beside them the fingerprint of deterministic outputs ("outputs").
 
@@ -343,7 +356,7 @@ class Bench:
                 if origin["kind"] == "checkpoint":
                     model = load(origin["path"], map_location=self.device).eval()
                 else:
-                    model = self.paper_model(origin["variant"], origin.get("seed", 0))
+                    model = self.paper_model(origin["variant"], origin.get("seed", 0), **origin.get("kwargs", {}))
                 stack = [technique_from_dict(techniques, settings) for settings in origin["stack"]]
                 return techniques.apply(model, stack, self.context(origin["variant"])).eval()
             finally:
@@ -352,19 +365,18 @@ class Bench:
                 else:
                     os.environ["FASTDIT_CACHE"] = previous
 
-    def cost(self, model, protocol, batch_size=1):
+    def cost(self, model: torch.nn.Module, protocol: dict, batch_size: int = 1) -> list[Measurement]:
         """Parameters, serialized bytes, GMACs (fvcore, batch 1, split into attention / MLP / other), and the peak
         memory of one forward at `batch_size` above the weights."""
-        exact = dict(DEFAULT_RULES["exact"])
         parts = cost.gmacs_breakdown(model)
-        out = [Measurement("params", count_params(model), "", "lower", exact, protocol),
-               Measurement("size_bytes", cost.model_size_bytes(model), "B", "lower", exact, protocol)]
-        out += [Measurement(f"gmacs_{k}" if k != "total" else "gmacs", round(v, 6), "GMACs", "lower", exact, protocol)
+        out = [Measurement.exact("params", count_params(model), "", protocol),
+               Measurement.exact("size_bytes", cost.model_size_bytes(model), "B", protocol)]
+        out += [Measurement.exact(f"gmacs_{k}" if k != "total" else "gmacs", round(v, 6), "GMACs", protocol)
                 for k, v in parts.items()]
         out.append(self.peak_memory(model, protocol, batch_size))
         return out
 
-    def peak_memory(self, model, protocol, batch_size):
+    def peak_memory(self, model: torch.nn.Module, protocol: dict, batch_size: int) -> Measurement:
         """Peak memory of one forward at `batch_size` above the weights (after one untimed call: a compiled model
         compiles on its first), and with --compare-to the base's peak of the same forward."""
         work = dict(call="forward", batch_size=batch_size)
@@ -383,14 +395,14 @@ class Bench:
                 verdict.detail += f" ({base.note})"
             except compare.BaseUnavailable as err:
                 verdict = _unavailable(err)
-        return Measurement("peak_memory_bytes", peak, "B", "lower", dict(DEFAULT_RULES["memory"]),
-                           dict(protocol, batch_size=batch_size), scope=memory_scope(self.machine["device"]),
-                           extra=dict(base=verdict.as_dict() if verdict else None))
+        return Measurement.memory("peak_memory_bytes", peak, "B", dict(protocol, batch_size=batch_size),
+                                  self.machine["device"], extra=dict(base=verdict.as_dict() if verdict else None))
 
     def _timing_rounds(self, default):
         return self.rounds or default
 
-    def efficiency(self, model, work, flops, protocol, name="forward", rounds=15, threads=1):
+    def efficiency(self, model: torch.nn.Module, work: dict, flops: float, protocol: dict, name: str = "forward",
+                   rounds: int = 15, threads: int = 1) -> list[Measurement]:
         """Achieved FLOP/s of `work` on `model` (a worker.workload: a forward, one block's sub-layer) as a fraction
         of a matmul yardstick timed interleaved with it (1 thread on CPU), with a bootstrap CI; plus the absolute
         median time (gated on this very machine, or against the base with --compare-to)."""
@@ -406,17 +418,16 @@ class Bench:
         scale = flops / yard_flops
         t = timings[name]
         protocol = dict(protocol, threads=threads or torch.get_num_threads())
-        return [Measurement(f"{name}_efficiency", ratio["ratio"] * scale, "of matmul", "higher",
-                            dict(DEFAULT_RULES["efficiency"]), protocol, ci=(ratio["ci_low"] * scale,
-                                                                        ratio["ci_high"] * scale),
-                            scope="hardware", extra=dict(timing=t.samples, flops=flops, gated=self.gate_efficiency)),
-                Measurement(f"{name}_ms", t.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
-                            noise=t.iqr_s * 1e3, scope="machine",
-                            extra=dict(gated=self.gate_times,
-                                       base=self._against_base(base, fns, timings, rounds, threads, model,
-                                                               work)))]
+        return [Measurement.ratio(f"{name}_efficiency", ratio["ratio"] * scale, "of matmul", protocol,
+                                  (ratio["ci_low"] * scale, ratio["ci_high"] * scale), DEFAULT_RULES["efficiency"],
+                                  extra=dict(timing=t.samples, flops=flops, gated=self.gate_efficiency)),
+                Measurement.absolute_time(f"{name}_ms", t.median_s * 1e3, "ms", protocol, noise=t.iqr_s * 1e3,
+                                          extra=dict(gated=self.gate_times,
+                                                     base=self._against_base(base, fns, timings, rounds, threads,
+                                                                             model, work)))]
 
-    def speedup(self, reference, candidate, protocol, batch_size=1, rounds=15, threads=1, name="forward"):
+    def speedup(self, reference: torch.nn.Module, candidate: torch.nn.Module, protocol: dict, batch_size: int = 1,
+                rounds: int = 15, threads: int = 1, name: str = "forward") -> list[Measurement]:
         """Speed of `candidate` over `reference` (same inputs, interleaved, one process): the ratio that is gated,
         with its bootstrap CI and the Mann-Whitney p-value, and the candidate's absolute forward time (with
         --compare-to, against the base's build of the same candidate, timed in the same rounds)."""
@@ -429,14 +440,12 @@ class Bench:
         s = cost.speedup(timings["reference"], timings["candidate"])
         protocol = dict(protocol, batch_size=batch_size, threads=threads or torch.get_num_threads())
         c = timings["candidate"]
-        return [Measurement(f"{name}_speedup", s["ratio"], "x", "higher", dict(DEFAULT_RULES["speed"]), protocol,
-                            ci=(s["ci_low"], s["ci_high"]), p_value=s["p_value"], scope="hardware",
-                            extra=dict(timing=c.samples, reference_timing=timings["reference"].samples)),
-                Measurement(f"{name}_ms", c.median_s * 1e3, "ms", "lower", dict(DEFAULT_RULES["time"]), protocol,
-                            noise=c.iqr_s * 1e3, scope="machine",
-                            extra=dict(gated=self.gate_times,
-                                       base=self._against_base(base, fns, timings, rounds, threads, candidate,
-                                                               work)))]
+        return [Measurement.speedup(f"{name}_speedup", s, protocol,
+                                    extra=dict(timing=c.samples, reference_timing=timings["reference"].samples)),
+                Measurement.absolute_time(f"{name}_ms", c.median_s * 1e3, "ms", protocol, noise=c.iqr_s * 1e3,
+                                          extra=dict(gated=self.gate_times,
+                                                     base=self._against_base(base, fns, timings, rounds, threads,
+                                                                             candidate, work)))]
 
     # ----------------------------------------------------------------------------------------- against the base
 
@@ -511,18 +520,35 @@ class Bench:
     def _threads(self, threads):
         return threads if self.machine["device"] == "cpu" else None
 
-    def machine_peak(self):
+    def machine_peak(self) -> dict:
         """This machine's measured matmul GFLOP/s and copy bandwidth, once per process (the report's context)."""
         if self._peak is None:
             with cost.num_threads(self._threads(1)):
                 self._peak = cost.machine_peak(self.device)
         return self._peak
 
+    def against_control(self, row: Sequence[Measurement], control: Sequence[Measurement],
+                        metric: str = "fid") -> Measurement:
+        """`metric` of a row's measurements minus its control's (the same model trained the same steps without the
+        technique), under the row's protocol and with its noise: "<metric>_minus_control", reported and never gated.
+        For FID, negative: the technique beat its control at equal budget."""
+        mine, theirs = ({m.metric: m for m in ms}[metric] for ms in (row, control))
+        return Measurement.reported(f"{metric}_minus_control", mine.value - theirs.value, mine.unit, mine.direction,
+                                    dict(mine.protocol), noise=mine.noise)
+
     # --------------------------------------------------------------------------------------------------- gating
 
-    def check(self, request, measurements, **info):
-        """Judge (or record) the measurements, attach the verdicts to the report, fail on regressions."""
-        test_id = request.node.nodeid
+    def baseline(self, test: Callable, metric: str, id: str | None = None) -> dict | None:
+        """The stored baseline entry of `metric` for bench test function `test` (with `id`, its parametrization:
+        test[id]), or None when there is none."""
+        path = Path(inspect.getsourcefile(test)).resolve().relative_to(self.rootpath.resolve()).as_posix()
+        test_id = f"{path}::{test.__name__}" + (f"[{id}]" if id is not None else "")
+        return self.stored.get(test_id, {}).get(metric)
+
+    def check(self, node: pytest.Item, measurements: Sequence[Measurement], **info) -> list[Verdict]:
+        """Judge (or record) the measurements of test `node`, attach the verdicts to its report, fail on
+        regressions; the `bench` fixture passes its test."""
+        test_id = node.nodeid
         stored = self.stored.get(test_id, {})
         if self.update:
             date = datetime.date.today().isoformat()
@@ -558,7 +584,7 @@ class Bench:
                                for v, m in zip(verdicts, measurements)])
         # Plain JSON types only: xdist ships user_properties to the controller with execnet, which refuses anything
         # else (torch.__version__ is a str subclass, numpy scalars are not floats).
-        request.node.user_properties.append((PROPERTY, json.loads(json.dumps(record, default=_plain))))
+        node.user_properties.append((PROPERTY, json.loads(json.dumps(record, default=_plain))))
         failed = [f"{v.metric}: {v.outcome}: {v.detail}" for v in verdicts if v.outcome in FAILING]
         # Better than the noise rule and outside the band: the outputs changed too, and the new figure is recorded
         # on purpose, not left to pass as an unexplained gain.
