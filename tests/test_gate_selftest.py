@@ -7,6 +7,8 @@ chosen by FASTDIT_PLANT, before anything is imported by the tests:
     skip-last-step     the DDIM sampler stops one step early and returns x_1 instead of x_0
     extra-block        the zoo model silently grows by one transformer block
     slow-forward:P     every DiT forward takes P% longer
+    slow-pruned-attention:P   the forward of attention whose heads head pruning removed (one technique's code path)
+                       takes P% longer
     grow-memory:F      every DiT forward holds F x (batch, tokens, width) floats more through its peak
     new-technique      the head registers a technique the base does not have
     eta-default:V      the samplers' default DDIM eta becomes V (generate and ddim_sample; the profile passes its own)
@@ -86,6 +88,16 @@ kind, _, amount = PLANT.partition(":")
 if kind == "slow-forward":  # every DiT forward, by `amount` percent
     from fastdit.models.dit import DiT
     DiT.forward = _busy(DiT.forward, float(amount) / 100)
+
+if kind == "slow-pruned-attention":  # only attention with heads removed: narrower than the model (one technique's path)
+    from fastdit.models.attention import Attention
+    forward = Attention.forward
+    slowed = _busy(forward, float(amount) / 100)
+
+    def pruned_slower(self, x):
+        pruned = self.num_heads * self.head_dim != self.proj.out_features
+        return slowed(self, x) if pruned else forward(self, x)
+    Attention.forward = pruned_slower
 
 if kind == "grow-memory":  # every DiT forward holds `amount` x (batch, tokens, width) floats more at its peak
     import torch
