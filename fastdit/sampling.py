@@ -7,8 +7,17 @@ The network itself is exact only batch by batch: matrix kernels round differentl
 CPU kernels even for another row position. So work is shared between processes in whole batches (`shard`): a batch
 holds the same samples at the same positions however many processes run, and every image is bit-identical to a
 one-process run (same device kind and thread count). Other splits agree up to float rounding.
+
+Samplers: "ddpm" (ancestral, the paper's protocol) and "ddim" run on fastdit.diffusion's respaced chain; the ODE solvers
+"dpm-solver++" (2M, Lu et al. 2022, arXiv 2211.01095) and "unipc" (Zhao et al. 2023, arXiv 2302.04867) are diffusers'
+schedulers at their own default settings, on the same linear 1,000-step schedule. The solvers are deterministic: they
+draw no noise after x_T, and use only the epsilon half of a learned-sigma model's output (as diffusers' DiT pipeline
+does). Each chain starts and ends the model's per-chain state (a step cache, fastdit.techniques.caching) around
+every batch, so no state crosses from one batch or one call to the next.
 """
 import os
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -17,7 +26,8 @@ from tqdm.auto import tqdm
 from .data import VAE_SCALE
 from .files import atomic_write
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc")
+SOLVERS = {"dpm-solver++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}  # diffusers classes
 
 # Every parameter of the sampling entry points (sampling_entry_points, below) and the bench protocol field that
 # records it: a number measured under other values is never compared with the baseline. None: the parameter is not a
@@ -26,6 +36,7 @@ PROTOCOL_FIELDS = {
     "sampler": "sampler", "steps": "steps", "num_timesteps": "num_timesteps", "eta": "eta", "cfg_scale": "cfg",
     "guided_channels": "guided", "clip_denoised": "clip", "n": "n", "seed": "seed",
     "batch_size": "sample_batch_size", "device": "device",
+    "num_train_timesteps": "num_timesteps",
     "model": None, "model_fn": None, "learn_sigma": None,   # what is sampled: the row's variant and technique
     "profile": None,                                        # where the fields above come from
     "diffusion": None,                                      # built from steps and num_timesteps
@@ -57,6 +68,63 @@ def shard(indices, batch_size, rank, world_size):
     return [i for batch in batches[rank::world_size] for i in batch]
 
 
+@contextmanager
+def chain(model, samples, steps):
+    """One sampling chain of `samples` samples over `steps` network evaluations: every submodule with per-chain
+    state (start_chain / end_chain: a step cache) starts fresh and is closed after it, whatever happens inside."""
+    stateful = [m for m in model.modules() if hasattr(m, "start_chain")]
+    for m in stateful:
+        m.start_chain(samples, steps)
+    try:
+        yield
+    finally:
+        for m in stateful:
+            m.end_chain()
+
+
+def solver_scheduler(sampler, steps, num_train_timesteps=1000, clip_denoised=False):
+    """The diffusers scheduler of an ODE solver, at its own default settings, on DiT's linear schedule of
+    `num_train_timesteps` steps, set to `steps` steps. clip_denoised clamps the predicted x_0 to [-1, 1] (diffusers'
+    thresholding with sample_max_value 1, where every sample's threshold is exactly 1)."""
+    import diffusers
+    from .diffusion import linear_betas
+    if sampler not in SOLVERS:
+        raise ValueError(f"{sampler!r} is not a solver; solvers: {', '.join(SOLVERS)}")
+    scheduler = getattr(diffusers, SOLVERS[sampler])(num_train_timesteps=num_train_timesteps,
+                                                      trained_betas=linear_betas(num_train_timesteps),
+                                                      thresholding=clip_denoised, sample_max_value=1.0)
+    with warnings.catch_warnings():
+        # diffusers converts its torch schedule with np.array(tensor), which NumPy 2 warns about; the values are right
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
+        scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def _training_chain(diffusion):
+    """The training chain length T of a diffusion made by create_diffusion(steps, num_timesteps=T), checked: the solvers
+    rebuild the schedule from T, so a diffusion made some other way is refused rather than silently misread."""
+    from .diffusion import create_diffusion
+    kept = diffusion.timestep_map.tolist()
+    T = kept[-1] + 1
+    made = create_diffusion(diffusion.num_timesteps, num_timesteps=T, learn_sigma=diffusion.learn_sigma)
+    if made.timestep_map.tolist() != kept or not np.allclose(made.betas, diffusion.betas, rtol=1e-12, atol=0):
+        raise ValueError("the solver samplers need a diffusion made by fastdit.diffusion.create_diffusion(steps, "
+                         "num_timesteps=T) on the linear schedule")
+    return T
+
+
+def solver_sample(model_fn, x_T, sampler, steps, num_train_timesteps=1000, clip_denoised=False, learn_sigma=True):
+    """diffusers' sampling loop for one batch: x_T (N, C, H, W) -> x_0 through `steps` evaluations of model_fn(x, t)."""
+    scheduler = solver_scheduler(sampler, steps, num_train_timesteps, clip_denoised)
+    x = x_T * scheduler.init_noise_sigma
+    channels = x.shape[1]
+    for t in scheduler.timesteps:
+        out = model_fn(x, torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)).to(x.dtype)
+        eps = out[:, :channels] if learn_sigma else out
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
 def _model_fn(model, y, cfg_scale, guided_channels):
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, y)
@@ -70,7 +138,8 @@ def generate(model, diffusion, indices, *, seed=0, labels=None, cfg_scale=1.0, g
 
     labels: None draws uniform labels from (seed, i); a tensor gives one label per index.
     cfg_scale: 1 disables guidance; guided_channels=3 reproduces DiT's 3-of-4-channel guidance.
-    sampler: "ddpm" (ancestral, the paper protocol) or "ddim" (deterministic with eta 0, few steps).
+    sampler: "ddpm" (ancestral, the paper protocol), "ddim" (deterministic with eta 0, few steps), or the solvers
+    "dpm-solver++" and "unipc" (diffusers' schedulers; the diffusion's step count and training chain, eta unused).
     clip_denoised: clamp predicted x_0 to [-1, 1] at every step; for pixel-space models only (not latents).
     """
     if sampler not in SAMPLERS:
@@ -78,6 +147,7 @@ def generate(model, diffusion, indices, *, seed=0, labels=None, cfg_scale=1.0, g
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}")
     indices = [int(i) for i in indices]
+    train_steps = _training_chain(diffusion) if sampler in SOLVERS else None
     device = torch.device(device) if device is not None else next(model.parameters()).device
     labels = sample_labels(seed, indices, model.num_classes) if labels is None else torch.as_tensor(labels).long()
     if labels.shape != (len(indices),):
@@ -94,10 +164,14 @@ def generate(model, diffusion, indices, *, seed=0, labels=None, cfg_scale=1.0, g
         gens = noise_generators(seed, idx)
         x_T = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, H, W)
         fn = _model_fn(model, labels[start:start + batch_size].to(device), cfg_scale, guided_channels)
-        if sampler == "ddpm":
-            x0 = diffusion.ddpm_sample(fn, x_T, gens, clip_denoised=clip_denoised)
-        else:
-            x0 = diffusion.ddim_sample(fn, x_T, gens, eta=eta, clip_denoised=clip_denoised)
+        with chain(model, len(idx), diffusion.num_timesteps):
+            if sampler == "ddpm":
+                x0 = diffusion.ddpm_sample(fn, x_T, gens, clip_denoised=clip_denoised)
+            elif sampler == "ddim":
+                x0 = diffusion.ddim_sample(fn, x_T, gens, eta=eta, clip_denoised=clip_denoised)
+            else:
+                x0 = solver_sample(fn, x_T, sampler, diffusion.num_timesteps, train_steps, clip_denoised,
+                                   model.learn_sigma)
         out.append(x0.float().cpu())
     model.train(was_training)
     x0 = torch.cat(out) if out else torch.zeros(0, *shape)
@@ -123,7 +197,8 @@ def sampling_entry_points():
     """The functions whose parameters decide the samples a profile's protocol produces."""
     from .diffusion import GaussianDiffusion, create_diffusion
     return dict(generate=generate, sample_profile=sample_profile, create_diffusion=create_diffusion,
-                ddim_sample=GaussianDiffusion.ddim_sample, ddpm_sample=GaussianDiffusion.ddpm_sample)
+                ddim_sample=GaussianDiffusion.ddim_sample, ddpm_sample=GaussianDiffusion.ddpm_sample,
+                solver_sample=solver_sample, solver_scheduler=solver_scheduler)
 
 
 def generate_distributed(model, diffusion, num_samples, *, batch_size=64, **kwargs):

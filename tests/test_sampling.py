@@ -5,7 +5,7 @@ from hypothesis import example, given, strategies as st
 from PIL import Image
 
 from fastdit.diffusion import create_diffusion
-from fastdit.sampling import generate, sample_labels, save_grid, save_npz, shard, to_uint8
+from fastdit.sampling import SOLVERS, generate, sample_labels, save_grid, save_npz, shard, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,66 @@ def test_npz_and_grid_files(tmp_path):
     assert big.shape == (2 + 24 + 2, 2 + 24 + 2 + 24 + 2, 3)
     assert np.array_equal(big[2:5, 2:5], np.broadcast_to(images[0, 0, 0], (3, 3, 3)))  # pixel (0, 0) as a block
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "s.npz"]  # no temporary files left
+
+
+# ------------------------------------------------------------------------------------------------ the ODE solvers
+
+def _diffusers_loop(model, sampler, steps, x, y, clip):
+    """diffusers' documented sampling loop, written out: set_timesteps, then model -> scheduler.step per timestep."""
+    import diffusers
+    from fastdit.diffusion import linear_betas
+    cls = dict(zip(SOLVERS, (diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler)))[sampler]
+    scheduler = cls(trained_betas=linear_betas(1000), thresholding=clip, sample_max_value=1.0)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            noise_pred = model(scheduler.scale_model_input(x, t), t.expand(x.shape[0]), y)
+            x = scheduler.step(noise_pred[:, :x.shape[1]], t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("sampler", SOLVERS)
+@pytest.mark.parametrize("steps, clip", [(5, False), (10, True)])
+def test_solvers_match_the_scheduler_librarys_own_loop(model, sampler, steps, clip):
+    from fastdit.sampling import noise_generators
+    x, labels = generate(model, create_diffusion(steps), range(3), sampler=sampler, clip_denoised=clip, seed=4)
+    gens = noise_generators(4, range(3))
+    x_T = torch.stack([torch.randn((1, 8, 8), generator=g) for g in gens])
+    torch.testing.assert_close(x, _diffusers_loop(model, sampler, steps, x_T, labels, clip), rtol=0, atol=0)
+    if clip:
+        assert x.abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("sampler", SOLVERS)
+def test_solvers_converge_to_the_ode_solution_as_steps_grow(model, sampler):
+    target = generate(model, create_diffusion(250), range(4), sampler="ddim")[0]
+    errors = [(generate(model, create_diffusion(n), range(4), sampler=sampler)[0] - target).abs().mean().item()
+              for n in (5, 20, 100)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_solvers_draw_no_noise_after_x_T(model):
+    from fastdit.sampling import noise_generators
+    gens = noise_generators(0, range(2))
+    states = [g.get_state() for g in gens]
+    from fastdit.sampling import solver_sample
+    x = solver_sample(lambda x, t: model(x, t, torch.zeros(2, dtype=torch.long)), torch.randn(2, 1, 8, 8),
+                      "unipc", 5)
+    assert torch.isfinite(x).all() and all(torch.equal(g.get_state(), s) for g, s in zip(gens, states))
+
+
+def test_a_solver_refuses_a_diffusion_it_cannot_read():
+    from fastdit.diffusion import GaussianDiffusion, linear_betas
+    odd = GaussianDiffusion(linear_betas(1000)[::100].copy(), timestep_map=list(range(0, 1000, 100)))
+    with pytest.raises(ValueError, match="create_diffusion"):
+        generate(tiny_model(), odd, range(1), sampler="dpm-solver++")
+
+
+def tiny_model():
+    from fastdit.models import create_model
+    return create_model("DiT-XS/4", input_size=8, in_channels=1, num_classes=10, depth=1).eval()
+
+
+def test_an_unknown_sampler_names_the_choices(model):
+    with pytest.raises(ValueError, match="ddpm, ddim, dpm-solver\\+\\+, unipc"):
+        generate(model, create_diffusion(3), range(1), sampler="euler")

@@ -303,22 +303,44 @@ def pytest_testnodedown(node, error):
 
 def pytest_generate_tests(metafunc):
     """`variant` fixtures take the profile's variants: all of them with --tier full, else the quick ones.
-    `setting` fixtures take the module's SETTINGS; those not in its QUICK list are marked full-tier only."""
+    `setting` fixtures take the module's SETTINGS; those not in its QUICK list are marked full-tier only, and named
+    by the module's SETTING_ID (default: the technique stack's id).
+
+    A module that sets SWEEP_VARIANTS = "quick" sweeps its whole SETTINGS only on the profile's quick variants; the
+    other variants of the full tier take its QUICK settings (a grid whose every row samples thousands of images)."""
     config = metafunc.config
-    if "variant" in metafunc.fixturenames and not _parametrized(metafunc, "variant"):
+    names = metafunc.fixturenames
+    wants_variant = "variant" in names and not _parametrized(metafunc, "variant")
+    wants_setting = "setting" in names and not _parametrized(metafunc, "setting")
+    if wants_variant:
         from ..profiles import default_profile, get_profile
         try:
             profile = get_profile(config.getoption("fastdit_profile") or default_profile())
         except ValueError as err:
             raise pytest.UsageError(str(err)) from None
         full = config.getoption("fastdit_tier") == "full"
-        quick = profile.quick_variants
-        metafunc.parametrize("variant", tiered([v for v in profile.variants if full or v in quick], quick))
-    if "setting" in metafunc.fixturenames and not _parametrized(metafunc, "setting"):
+        quick_variants = profile.quick_variants
+        variants = [v for v in profile.variants if full or v in quick_variants]
+    if wants_setting:
         settings = getattr(metafunc.module, "SETTINGS", None)
         if settings is None:
             raise pytest.UsageError(f"{metafunc.module.__name__} uses the `setting` fixture but defines no SETTINGS")
-        metafunc.parametrize("setting", tiered(settings, set(getattr(metafunc.module, "QUICK", ())), id=stack_id))
+        quick = set(getattr(metafunc.module, "QUICK", ()))
+        setting_id = getattr(metafunc.module, "SETTING_ID", stack_id)
+    if wants_variant and wants_setting and getattr(metafunc.module, "SWEEP_VARIANTS", "all") == "quick":
+        params = []
+        for v in variants:
+            for setting in settings:
+                sid = setting_id(setting)
+                if v in quick_variants or sid in quick:
+                    marks = () if v in quick_variants and sid in quick else pytest.mark.bench_full
+                    params.append(pytest.param(v, setting, id=f"{v}-{sid}", marks=marks))
+        metafunc.parametrize("variant,setting", params)
+        return
+    if wants_variant:
+        metafunc.parametrize("variant", tiered(variants, quick_variants))
+    if wants_setting:
+        metafunc.parametrize("setting", tiered(settings, quick, id=setting_id))
 
 
 def _parametrized(metafunc, name):

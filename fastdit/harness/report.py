@@ -25,6 +25,8 @@ COLUMNS = [
     ("size_bytes", "size (MB)", lambda v: f"{v / 1e6:.2f}"),
     ("peak_memory_bytes", "peak mem (MB)", lambda v: f"{v / 1e6:.1f}"),
     ("forward_ms", "forward (ms)", "{:.2f}"), ("forward_speedup", "speedup", "{:.2f}x"),
+    ("chain_speedup", "chain speedup", "{:.2f}x"), ("evaluations_per_image", "evaluations", "{:.2f}"),
+    ("cache_hit_rate", "cache hits", "{:.0%}"),
     ("forward_efficiency", "of matmul", "{:.0%}"),
     # technique-specific columns, shown when a table has them
     ("fid_minus_control", "FID - control", "{:+.3f}"), ("output_rel_error", "output error", "{:.4f}"),
@@ -71,6 +73,37 @@ def vs_base(base):
     return f"{base['ratio']:.3f}x{ci} {base['outcome']}"
 
 
+def row_key(protocol):
+    """The technique stack id of a row, with " @ <chain>" when it samples with another chain than the profile's (a
+    sampler row) and " @ <mode>" when it runs compiled without its technique saying so (the stack id stays first)."""
+    key = protocol.get("technique", "reference")
+    if protocol.get("chain"):
+        key += f" @ {protocol['chain']}"
+    mode = protocol.get("mode", "eager")
+    if mode != "eager" and "compile" not in key:
+        key += f" @ {mode}"
+    return key
+
+
+def row_label(key):
+    """A row key in words: the stack described (fastdit.techniques.describe), then its chain or mode."""
+    stack, *rest = key.split(" @ ")
+    words = describe(stack)
+    if rest and words == "reference":
+        return ", ".join(rest)
+    return ", ".join([words] + rest)
+
+
+def chain_speed(tech, values):
+    """The row's position on the report's speed axis, images/s of the whole sampling chain over the reference's
+    chain: measured ("chain_speedup") for the sampling-time rows; for a model-level technique its forward speedup at
+    the chain's batch, which the chain repeats once per step (the sampler's own arithmetic adds ~6 % to the forwards'
+    time, bench/test_samplers.py's sampler_overhead, to both chains alike)."""
+    if values.get("chain_speedup") is not None:
+        return values["chain_speedup"]
+    return 1.0 if tech == "reference" else values.get("forward_speedup")
+
+
 def rows_by_model(records):
     """{scale: {(technique, variant): {metric: value}}}, merging the tests that measured the same model. A known
     noise is kept beside its value as "<metric>_noise"."""
@@ -80,7 +113,7 @@ def rows_by_model(records):
             if m.get("value") is None:
                 continue  # a verdict without a figure (an invariant that failed): in the verdicts only
             p = m["protocol"]
-            key = (p.get("technique", "reference"), p.get("variant", "?"))
+            key = (row_key(p), p.get("variant", "?"))
             row = out.setdefault(p.get("scale", "zoo"), {}).setdefault(key, {})
             row[m["metric"]] = m["value"]
             if m.get("noise") is not None:
@@ -137,7 +170,7 @@ def markdown(records, source=None):
                   "|---|---|" + "---|" * len(present)]
         for (tech, variant), values in sorted(rows.items(), key=lambda kv: (kv[0][0] != "reference", kv[0])):
             cells = [_cell(values, metric, fmt) for metric, _, fmt in present]
-            lines.append(f"| {describe(tech)} | {variant} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row_label(tech)} | {variant} | " + " | ".join(cells) + " |")
         lines.append("")
     if source:
         return "\n".join(lines)
@@ -190,7 +223,8 @@ def label_offsets(anchors, px_per_pt, width_pt=110, height_pt=7):
 
 
 def pareto_plot(records, path):
-    """FID against forward speedup over the reference (the reference sits at 1x) for the zoo rows: one panel per
+    """FID against the speed of the whole sampling chain over the reference's (chain_speed; the reference sits at 1x)
+    for the zoo rows, model-level and sampling-time techniques on one axis: one panel per
     variant, because each variant has its own FID scale, with that variant's Pareto front labelled (every other
     row is a dot, so a full tier of dozens of rows stays readable)."""
     import matplotlib
@@ -200,7 +234,7 @@ def pareto_plot(records, path):
     rows = rows_by_model(records).get("zoo", {})
     panels = {}
     for (tech, variant), v in sorted(rows.items()):
-        speed = 1.0 if tech == "reference" else v.get("forward_speedup")
+        speed = chain_speed(tech, v)
         if v.get("fid") is not None and speed is not None and math.isfinite(v["fid"]):
             panels.setdefault(variant, []).append((speed, v["fid"], tech))
     cols = 2 if len(panels) > 1 else 1
@@ -222,10 +256,10 @@ def pareto_plot(records, path):
         ax.autoscale_view()
         anchors = ax.transData.transform([pts[i] for i in front])   # pixels, on the final scale and limits
         for i, dy in zip(front, label_offsets(anchors, fig.dpi / 72)):
-            ax.annotate(describe(points[i][2]), pts[i], fontsize=6, xytext=(4, dy), textcoords="offset points",
+            ax.annotate(row_label(points[i][2]), pts[i], fontsize=6, xytext=(4, dy), textcoords="offset points",
                         arrowprops=dict(arrowstyle="-", lw=0.3, color="0.5") if dy > 2 else None)
         ax.set_title(variant, fontsize=10)
-        ax.set_xlabel("forward speedup over the unoptimized model (x, same run)", fontsize=8)
+        ax.set_xlabel("images/s of the whole sampling chain over the reference chain (x, same run)", fontsize=8)
         ax.set_ylabel("FID (profile evaluator; lower is better)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=7)

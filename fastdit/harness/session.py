@@ -50,6 +50,9 @@ QUALITY = {"fid": "lower", "sfid": "lower", "kid_mean": "lower", "precision": "h
 # The output fingerprint beside every quality row: the first samples of seed 0 (per-image mean and a few pixels of
 # each), one forward on seeded inputs, and a few samples of the sampling functions called with their defaults.
 FINGERPRINT_IMAGES, FINGERPRINT_PIXELS, FINGERPRINT_OUTPUTS = 8, 16, 8
+# The samplers whose defaults are fingerprinted beside every quality row: fastdit's own. The solvers (diffusers'
+# schedulers) are fingerprinted by the rows that sample with them (bench/test_samplers.py).
+FINGERPRINT_SAMPLERS = ("ddpm", "ddim")
 
 
 class SetupError(Exception):
@@ -200,6 +203,8 @@ class Bench:
         else:
             base.update(p.paper_shape)
         base.update(fields)
+        if scale == "zoo" and (base["sampler"], base["steps"]) != (p.sampler, p.sampling_steps):
+            base["chain"] = f"{base['sampler']} {base['steps']} steps"  # not the profile's chain: a row of its own
         return base
 
     # ----------------------------------------------------------------------------------------------- measuring
@@ -213,16 +218,28 @@ class Bench:
                                                           p.image_size, p.resize)
         return self._evaluator, self._reference_features
 
-    def samples(self, model, seed=0, batch_size=None):
-        """The profile's N samples of `model`, after checking the sampler's invariant: every batch ran exactly the
-        protocol's number of denoising steps (one network evaluation each; guidance runs in the same batch).
+    def chain_profile(self, protocol: dict | None = None):
+        """The profile with the sampling chain a protocol names (its `sampler` and `steps`; default: the profile's)."""
+        from dataclasses import replace
+        p = self.profile
+        if not protocol:
+            return p
+        return replace(p, sampler=protocol.get("sampler", p.sampler),
+                       sampling_steps=protocol.get("steps", p.sampling_steps))
+
+    def samples(self, model, seed=0, batch_size=None, protocol=None):
+        """The profile's N samples of `model` (with the chain the protocol names), after checking the sampler's
+        invariant: every batch ran exactly the chain's number of denoising steps (one network evaluation each, cached or
+        not: the final layer runs at every step; guidance runs in the same batch).
         batch_size: another sample batch size than the profile's (the reproducibility band's perturbation)."""
         from dataclasses import replace
         from ..sampling import sample_profile
-        p = self.profile if batch_size is None else replace(self.profile, sample_batch_size=batch_size)
+        p = self.chain_profile(protocol)
+        p = p if batch_size is None else replace(p, sample_batch_size=batch_size)
         calls = []
         # The final layer runs once per network evaluation, whether through forward or forward_with_cfg.
-        handle = model.final_layer.register_forward_hook(lambda *_: calls.append(1))
+        net = getattr(model, "_orig_mod", model)
+        handle = net.final_layer.register_forward_hook(lambda *_: calls.append(1))
         try:
             images = sample_profile(model, p, p.fid_samples, seed=seed, device=self.device)[0]
         finally:
@@ -233,28 +250,100 @@ class Bench:
                                  f"protocol ({p.sampler}, {p.sampling_steps} steps) needs {p.sampling_steps}")
         return images
 
-    def sampling_speed(self, model: torch.nn.Module, protocol: dict, batch_size: int | None = None, rounds: int = 3,
-                       threads: int = 1) -> list[Measurement]:
-        """Images/s of the full sampling chain (the profile's sampler and steps) at the largest throughput batch that
-        fits a sample batch; an absolute rate, so it is gated only on this very machine, or against the base."""
-        p = self.profile
-        batch_size = batch_size or max(b for b in p.throughput_batch_sizes if b <= p.sample_batch_size)
-        work = dict(call="sample", batch_size=batch_size, steps=p.sampling_steps,
+    def _chain_work(self, protocol, batch_size):
+        p = self.chain_profile(protocol)
+        return dict(call="sample", batch_size=batch_size, steps=p.sampling_steps,
                     options=dict(sampler=p.sampler, cfg_scale=p.cfg_scale, guided_channels=p.guided_channels,
                                  clip_denoised=p.clip_denoised))
+
+    def chain_batch(self) -> int:
+        """The batch of the chain measurements: the largest throughput batch that fits a sample batch."""
+        p = self.profile
+        return max(b for b in p.throughput_batch_sizes if b <= p.sample_batch_size)
+
+    def sampling_speed(self, model: torch.nn.Module, protocol: dict, batch_size: int | None = None, rounds: int = 3,
+                       threads: int = 1, reference: torch.nn.Module | None = None,
+                       reference_chain: dict | None = None) -> list[Measurement]:
+        """Images/s of the full sampling chain (the protocol's sampler and steps) at the largest throughput batch that
+        fits a sample batch; an absolute rate, so it is gated only on this very machine, or against the base.
+
+        reference: also time the plain chain (that model with the profile's own sampler and steps) interleaved with
+        this one, and gate the ratio of the two rates ("chain_speedup": above 1, this chain makes images faster);
+        reference_chain: a protocol whose sampler and steps the plain chain runs instead."""
+        batch_size = batch_size or self.chain_batch()
+        work = self._chain_work(protocol, batch_size)
         threads = self._threads(threads)
         base = self._base_side(model, work, threads)
         # A paired test needs rounds to be significant at all: with 7, the smallest one-sided p is 1/128.
-        rounds = self._timing_rounds(max(rounds, 7) if base.timer else rounds)
+        rounds = self._timing_rounds(max(rounds, 7) if base.timer or reference is not None else rounds)
         fns = {"sampling": workload(model, work, self.device)}
-        timings = self._time(fns, base, rounds, threads, warmup=1)
+        plain = {} if reference is None else \
+            {"reference": workload(reference, self._chain_work(reference_chain, batch_size), self.device)}
+        timings = self._time(dict(plain, **fns), base, rounds, threads, warmup=1)
         t = timings["sampling"]
         protocol = dict(protocol, batch_size=batch_size, threads=threads or torch.get_num_threads())
-        return [Measurement.absolute_time("sampling_images_per_s", batch_size / t.median_s, "images/s", protocol,
-                                          noise=batch_size * t.iqr_s / t.median_s ** 2, direction="higher",
-                                          extra=dict(timing=t.samples, gated=self.gate_times,
-                                                     base=self._against_base(base, fns, timings, rounds, threads,
-                                                                             model, work)))]
+        out = []
+        if reference is not None:
+            out.append(Measurement.speedup("chain_speedup", cost.speedup(timings["reference"], t), protocol,
+                                           extra=dict(timing=t.samples, reference_timing=timings["reference"].samples)))
+        out.append(Measurement.absolute_time("sampling_images_per_s", batch_size / t.median_s, "images/s", protocol,
+                                             noise=batch_size * t.iqr_s / t.median_s ** 2, direction="higher",
+                                             extra=dict(timing=t.samples, gated=self.gate_times,
+                                                        base=self._against_base(base, fns, timings, rounds, threads,
+                                                                                model, work))))
+        return out
+
+    def chain_speedups(self, reference: torch.nn.Module, candidates: dict[str, torch.nn.Module], protocol: dict,
+                       batch_size: int | None = None, rounds: int = 7, threads: int = 1) -> dict[str, Measurement]:
+        """{name: "chain_speedup_<name>"}: images/s of each candidate's chain (the protocol's sampler and steps) over
+        the plain chain of `reference` (the profile's), every chain timed interleaved in the same rounds, so that the
+        ratios of several models compare with one another (a stack beside each of its parts)."""
+        batch_size = batch_size or self.chain_batch()
+        work = self._chain_work(protocol, batch_size)
+        threads = self._threads(threads)
+        fns = dict(reference=workload(reference, self._chain_work(None, batch_size), self.device),
+                   **{name: workload(model, work, self.device) for name, model in candidates.items()})
+        timings = cost.time_interleaved(fns, device=self.device, warmup=1, rounds=self._timing_rounds(rounds),
+                                        threads=threads)
+        protocol = dict(protocol, batch_size=batch_size, threads=threads or torch.get_num_threads())
+        return {name: Measurement.speedup(f"chain_speedup_{name}", cost.speedup(timings["reference"], timings[name]),
+                                          protocol, extra=dict(timing=timings[name].samples,
+                                                               reference_timing=timings["reference"].samples))
+                for name in candidates}
+
+    def chain_counts(self, model: torch.nn.Module, protocol: dict, batch_size: int = 8) -> list[Measurement]:
+        """What one chain of `batch_size` samples (the protocol's sampler and steps) computed, counted while it ran:
+        full network evaluations per image (steps minus the step cache's hits), multiply-adds per image (every matmul,
+        convolution and attention that torch dispatched, counted by torch.utils.flop_counter), and the cache hit rate.
+        Deterministic on one machine; on another, a rounding difference may flip a cache decision that sits at its
+        threshold, hence a 5 % tolerance (one flipped decision in a chain of 8 x 25 steps moves evaluations 0.5 %)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from ..techniques.caching import cache_stats
+        fn = workload(model, self._chain_work(protocol, batch_size), self.device)
+        before = cache_stats(model) or dict(hits=0, steps=0)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        after = cache_stats(model) or dict(hits=0, steps=0)
+        steps = self.chain_profile(protocol).sampling_steps
+        hits = (after["hits"] - before["hits"]) / batch_size
+        protocol = dict(protocol, batch_size=batch_size)
+        return [Measurement.relative("evaluations_per_image", steps - hits, "evaluations", "lower", protocol,
+                                     tolerance=0.05),
+                Measurement.relative("gmacs_per_image", round(counter.get_total_flops() / 2e9 / batch_size, 6),
+                                     "GMACs", "lower", protocol, tolerance=0.05),
+                Measurement.reported("cache_hit_rate", round(hits / steps, 6), "", "higher", protocol,
+                                     tolerance=0.05)]
+
+    def chain_memory(self, model: torch.nn.Module, protocol: dict, batch_size: int | None = None) -> Measurement:
+        """Peak memory of one whole chain (the protocol's sampler and steps) above the weights: a cache's stored
+        residuals and a multistep solver's history count here, which the forward's peak (peak_memory) cannot show."""
+        batch_size = batch_size or self.chain_batch()
+        fn = workload(model, self._chain_work(protocol, batch_size), self.device)
+        peak = cost.peak_memory_bytes(fn, self.device)
+        return Measurement.memory("chain_peak_memory_bytes", peak, "B", dict(protocol, batch_size=batch_size),
+                                  self.machine["device"])
 
     def quality(self, model: torch.nn.Module, protocol: dict) -> list[Measurement]:
         """FID, sFID, KID, precision and recall of the profile's N samples (seed 0) against the reference set, and
@@ -266,12 +355,13 @@ class Bench:
         reproducibility band stored with each metric and fingerprint group."""
         evaluator, _ = self.evaluator()
         protocol = dict(protocol, evaluator_sha256=evaluator.sha256[:16])
-        first = self._outputs(model, seed=0)
+        first = self._outputs(model, seed=0, protocol=protocol)
         runs, moved = [first["metrics"]], []
         if self.update:
-            runs += [self._outputs(model, seed, fingerprint=False)["metrics"]
+            runs += [self._outputs(model, seed, fingerprint=False, protocol=protocol)["metrics"]
                      for seed in range(1, self.calibration_seeds)]
-            moved = [dict(self._outputs(m, 0, **how), how=label) for m, how, label in self._perturbations(model)]
+            moved = [dict(self._outputs(m, 0, protocol=protocol, **how), how=label)
+                     for m, how, label in self._perturbations(model)]
         out = []
         for name, value in first["metrics"].items():
             if name.endswith("_std"):
@@ -295,13 +385,13 @@ class Bench:
                                band_moves=moves if moved else None, fingerprint=fingerprint))
         return out
 
-    def _outputs(self, model, seed, threads=None, batch_size=None, fingerprint=True):
+    def _outputs(self, model, seed, threads=None, batch_size=None, fingerprint=True, protocol=None):
         """Quality metrics of the N samples of `seed` (and the fingerprint), optionally on another thread count or
-        sample batch size."""
+        sample batch size; the chain is the protocol's."""
         from ..metrics.quality import quality_metrics
         evaluator, reference = self.evaluator()
         with measure.num_threads(threads):
-            images = self.samples(model, seed, batch_size)
+            images = self.samples(model, seed, batch_size, protocol)
             metrics = quality_metrics(evaluator.features(images), reference)
             prints = self._fingerprint(model, images, alone=batch_size is not None) if fingerprint else None
         return dict(metrics=metrics, fingerprint=prints)
@@ -312,7 +402,7 @@ class Bench:
         prints of 4 samples from generate() with its defaults and with each sampler. alone: the forward one sample
         at a time and the default paths in batches of 2 (the batch perturbation)."""
         from ..diffusion import create_diffusion
-        from ..sampling import SAMPLERS, generate, to_uint8
+        from ..sampling import generate, to_uint8
         out = _image_print("samples", images[:FINGERPRINT_IMAGES])
         g = torch.Generator().manual_seed(0)
         n = 4
@@ -328,7 +418,7 @@ class Bench:
         out["forward"] = [round(float(v), 7) for v in values.flatten()]
         diffusion = create_diffusion(self.profile.sampling_steps, learn_sigma=model.learn_sigma)
         batch = dict(batch_size=2) if alone else {}
-        for name, kwargs in [("defaults", {})] + [(f"defaults-{s}", dict(sampler=s)) for s in SAMPLERS]:
+        for name, kwargs in [("defaults", {})] + [(f"defaults-{s}", dict(sampler=s)) for s in FINGERPRINT_SAMPLERS]:
             x0, _ = generate(model, diffusion, range(n), **kwargs, **batch)
             out.update(_image_print(name, to_uint8(x0).numpy()))
         return out
@@ -535,6 +625,25 @@ class Bench:
         mine, theirs = ({m.metric: m for m in ms}[metric] for ms in (row, control))
         return Measurement.reported(f"{metric}_minus_control", mine.value - theirs.value, mine.unit, mine.direction,
                                     dict(mine.protocol), noise=mine.noise)
+
+    def against_reference(self, test: Callable, quality: Sequence[Measurement], variant: str,
+                          info: dict) -> list[Measurement]:
+        """Each gated quality metric of a row minus the unoptimized model's stored baseline (`test`: the reference's
+        quality test, parametrized by variant), reported as "<metric>_delta_vs_reference" and never gated (the row's
+        own baseline gates it); `info` gets the delta beside the reference's calibrated tolerance (gate.tolerance), for
+        the report and the Pareto analysis. Nothing when the reference has no baseline under the same N."""
+        from .gate import tolerance
+        out = []
+        for m in quality:
+            entry = self.baseline(test, m.metric, id=variant)
+            if m.rule["kind"] != "noise" or not m.extra.get("gated") or entry is None or \
+                    entry["protocol"].get("n") != m.protocol.get("n"):
+                continue
+            delta = m.value - entry["value"]
+            info[f"{m.metric}_vs_reference"] = dict(delta=delta, tolerance=tolerance(entry), reference=entry["value"])
+            out.append(Measurement.reported(f"{m.metric}_delta_vs_reference", round(delta, 6), "", "lower",
+                                            m.protocol))
+        return out
 
     # --------------------------------------------------------------------------------------------------- gating
 

@@ -46,10 +46,13 @@ def workload(model, work, device):
     if call == "sample":
         from fastdit.diffusion import create_diffusion
         from fastdit.sampling import generate
+        from fastdit import sampling
         net = getattr(model, "_orig_mod", model)
         diffusion = create_diffusion(work["steps"], learn_sigma=net.learn_sigma)
         batch = work["batch_size"]
         options = work.get("options", {})
+        if options.get("sampler", "ddpm") not in getattr(sampling, "SAMPLERS", ("ddpm", "ddim")):
+            raise NotInBase(f"the base has no sampler {options['sampler']!r}")
         return _inference(lambda: generate(model, diffusion, range(batch), batch_size=batch, device=device, **options))
     raise ValueError(f"unknown workload {call!r}")
 
