@@ -205,6 +205,10 @@ class Bench:
         base.update(fields)
         if scale == "zoo" and (base["sampler"], base["steps"]) != (p.sampler, p.sampling_steps):
             base["chain"] = f"{base['sampler']} {base['steps']} steps"  # not the profile's chain: a row of its own
+        from ..sampling import SOLVERS
+        if base.get("sampler") in SOLVERS:  # the solver's defaults are the library's: its release decides the samples
+            import diffusers
+            base["diffusers"] = diffusers.__version__
         return base
 
     # ----------------------------------------------------------------------------------------------- measuring
