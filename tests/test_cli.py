@@ -136,3 +136,9 @@ def test_eval_calibrates_the_seed_to_seed_spread_of_a_zoo_model(capsys, tmp_path
     assert result["protocol"]["seeds"] == [0, 1] and result["protocol"]["sampler"] == "ddim"
     fid = result["noise"]["fid"]
     assert len(fid["values"]) == 2 and fid["values"][0] != fid["values"][1] and fid["std"] > 0
+
+
+def test_the_sample_command_offers_every_sampler_with_a_default_step_count():
+    from fastdit.cli import DEFAULT_STEPS
+    from fastdit.sampling import SAMPLERS
+    assert tuple(DEFAULT_STEPS) == SAMPLERS

@@ -232,3 +232,22 @@ def test_the_sampling_workload_runs_the_full_chain(tiny_dit):
     assert x0.shape == (5, 1, 8, 8) and labels.shape == (5,) and len(calls) == 3
     timing = time_interleaved({"sampling": run}, device="cpu", warmup=0, rounds=2, threads=1)["sampling"]
     assert timing.rounds == 2 and timing.median_s > 0
+
+
+@pytest.mark.parametrize("variant", ["DiT-S/2", "DiT-XS/4"])
+def test_dispatched_macs_count_what_runs_and_agree_with_fvcore(variant):
+    import copy
+
+    from fastdit.metrics.flops import count_gmacs, dispatched_gmacs, example_inputs
+    from fastdit.models import create_model
+    from fastdit.techniques import parse, apply
+    model = create_model(variant, depth=2).eval()
+    x, t, y = example_inputs(model, 2, "cpu")
+    with torch.no_grad():
+        counted = dispatched_gmacs(lambda: model(x, t, y))
+        twice = dispatched_gmacs(lambda: (model(x, t, y), model(x, t, y)))
+        int8 = apply(copy.deepcopy(model), parse("quantize:scheme=int8-dynamic-cpu"))
+        quantized = dispatched_gmacs(lambda: int8(x, t, y))
+    assert counted == pytest.approx(count_gmacs(model, 2), rel=5e-3)  # attention's fused CPU kernel counted too
+    assert twice == pytest.approx(2 * counted)
+    assert quantized == pytest.approx(counted)  # the dynamic int8 Linear counts as the Linear it replaces

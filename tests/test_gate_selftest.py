@@ -13,6 +13,7 @@ chosen by FASTDIT_PLANT, before anything is imported by the tests:
     new-technique      the head registers a technique the base does not have
     eta-default:V      the samplers' default DDIM eta becomes V (generate and ddim_sample; the profile passes its own)
     ddim-eta:V         DDIM runs with eta V whatever it is asked for: every sample moves a little, FID within noise
+    no-cache           the timestep caches recompute every step (their reuse silently disabled)
 
 The plants live in the head's process only: against the base (--compare-to-path this checkout), whose worker
 imports the unplanted fastdit, they are changes of the head's code.
@@ -143,6 +144,11 @@ if kind == "ddim-eta":  # DDIM's update itself changed
         return ddim(self, model_fn, x_T, generators, eta=float(amount), **kwargs)
     GaussianDiffusion.ddim_sample = noisier
 
+if PLANT == "no-cache":  # the step cache recomputes every step: its reuse silently disabled
+    import torch
+    from fastdit.techniques.caching import StepCache
+    StepCache._decide = lambda self, forced, change, rows: torch.ones(self.samples, dtype=torch.bool)
+
 if PLANT == "extra-block":
     from fastdit.harness.session import Bench
     load = Bench.reference_model
@@ -228,6 +234,22 @@ def test_planted_regressions_are_caught_and_unchanged_runs_pass(project, monkeyp
         pytest.fail("a planted 20% attention slowdown was not caught in 3 tries:\n" + tries[-1][1])
     slow.assert_outcomes(failed=1)
     slow.stdout.fnmatch_lines(["*attention_efficiency: regressed: *slower than the baseline ratio*"])
+
+
+def test_a_disabled_timestep_cache_is_caught(project, monkeypatch):
+    """The cached chain's counted evaluations and its samples' fingerprint gate on any runner: a cache that stops
+    reusing fails both, though the samples get no worse and the chain speed is not gated on another machine."""
+    shutil.copy(ROOT / "bench" / "test_caching.py", project.path / "bench")
+    select = "test_zoo and cache-static"
+    recorded = run(project, monkeypatch, "", select, "--update-baselines", "--baseline-reason", "self-test")
+    recorded.assert_outcomes(passed=1)
+    unchanged = run(project, monkeypatch, "", select)
+    unchanged.assert_outcomes(passed=1)
+    assert "regressed" not in unchanged.stdout.str()
+    disabled = run(project, monkeypatch, "no-cache", select)
+    disabled.assert_outcomes(failed=1)
+    disabled.stdout.fnmatch_lines(["*evaluations_per_image: regressed: *", "*gmacs_per_image: regressed: *",
+                                   "*outputs: changed: outputs changed*"])
 
 
 def test_corrupt_baseline_stops_the_run_with_a_clear_error(project, monkeypatch):

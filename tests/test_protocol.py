@@ -53,3 +53,13 @@ def test_the_paper_scale_protocol_records_the_profiles_paper_shape():
     protocol = Bench.protocol(SimpleNamespace(profile=profile, machine={"device": "cpu"}), "DiT-S/2", scale="paper")
     assert {k: protocol[k] for k in profile.paper_shape} == dict(input_size=32, in_channels=4, num_classes=200)
     assert "n" not in protocol and protocol["technique"] == "reference"
+
+
+def test_the_diffusers_release_is_software_of_the_run_not_a_protocol_field():
+    """The solvers' samples depend on diffusers' release: it is recorded with the machine (as torch's is), so a
+    release that leaves the samples alone keeps the baselines; the output fingerprints catch one that changes them."""
+    from importlib.metadata import version
+    bench = SimpleNamespace(profile=get_profile("cpu"), machine={"device": "cpu"})
+    assert "diffusers" not in Bench.protocol(bench, "DiT-mS/4", sampler="unipc", steps=10)
+    from fastdit.harness import session
+    assert session._version("diffusers") == version("diffusers") and session._version("no-such-package") is None

@@ -97,8 +97,8 @@ def row_label(key):
 def chain_speed(tech, values):
     """The row's position on the report's speed axis, images/s of the whole sampling chain over the reference's
     chain: measured ("chain_speedup") for the sampling-time rows; for a model-level technique its forward speedup at
-    the chain's batch, which the chain repeats once per step (the sampler's own arithmetic adds ~6 % to the forwards'
-    time, bench/test_samplers.py's sampler_overhead, to both chains alike)."""
+    the chain's batch, which the chain repeats once per step (the sampler's own arithmetic adds -1 % to +7 % to the
+    forwards' time on the cpu zoo, bench/test_samplers.py's sampler_overhead, to both chains alike)."""
     if values.get("chain_speedup") is not None:
         return values["chain_speedup"]
     return 1.0 if tech == "reference" else values.get("forward_speedup")

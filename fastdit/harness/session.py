@@ -55,6 +55,14 @@ FINGERPRINT_IMAGES, FINGERPRINT_PIXELS, FINGERPRINT_OUTPUTS = 8, 16, 8
 FINGERPRINT_SAMPLERS = ("ddpm", "ddim")
 
 
+def _version(package):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 class SetupError(Exception):
     """An input of the run (data set, evaluator, device) that is missing or unusable; the message says how to fix it."""
 
@@ -121,7 +129,10 @@ class Bench:
         self.gate_times = opt("fastdit_gate_times")
         self.report_changed = opt("fastdit_report_changed")
         self.workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-        self.machine = dict(cost.describe_device(device), workers=self.workers)
+        # The solvers are diffusers' schedulers: its release is software of the run, like torch's. Recorded, not a
+        # protocol field: a release that leaves the samples as they were keeps every baseline, and one that changes
+        # them fails the solver rows' output fingerprints ("outputs changed"), not every row on every release.
+        self.machine = dict(cost.describe_device(device), workers=self.workers, diffusers=_version("diffusers"))
         self.rootpath = Path(config.rootpath)
         root = Path(opt("fastdit_baselines") or self.rootpath / "baselines")
         self.baselines = BaselineFile(root, self.profile.name, device_class(self.machine))
@@ -205,10 +216,6 @@ class Bench:
         base.update(fields)
         if scale == "zoo" and (base["sampler"], base["steps"]) != (p.sampler, p.sampling_steps):
             base["chain"] = f"{base['sampler']} {base['steps']} steps"  # not the profile's chain: a row of its own
-        from ..sampling import SOLVERS
-        if base.get("sampler") in SOLVERS:  # the solver's defaults are the library's: its release decides the samples
-            import diffusers
-            base["diffusers"] = diffusers.__version__
         return base
 
     # ----------------------------------------------------------------------------------------------- measuring
@@ -318,24 +325,21 @@ class Bench:
     def chain_counts(self, model: torch.nn.Module, protocol: dict, batch_size: int = 8) -> list[Measurement]:
         """What one chain of `batch_size` samples (the protocol's sampler and steps) computed, counted while it ran:
         full network evaluations per image (steps minus the step cache's hits), multiply-adds per image (every matmul,
-        convolution and attention that torch dispatched, counted by torch.utils.flop_counter), and the cache hit rate.
+        convolution and attention that torch dispatched: metrics.flops.dispatched_gmacs), and the cache hit rate.
         Deterministic on one machine; on another, a rounding difference may flip a cache decision that sits at its
         threshold, hence a 5 % tolerance (one flipped decision in a chain of 8 x 25 steps moves evaluations 0.5 %)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
+        from ..metrics.flops import dispatched_gmacs
         from ..techniques.caching import cache_stats
         fn = workload(model, self._chain_work(protocol, batch_size), self.device)
         before = cache_stats(model) or dict(hits=0, steps=0)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            fn()
+        gmacs = dispatched_gmacs(fn)
         after = cache_stats(model) or dict(hits=0, steps=0)
         steps = self.chain_profile(protocol).sampling_steps
         hits = (after["hits"] - before["hits"]) / batch_size
         protocol = dict(protocol, batch_size=batch_size)
         return [Measurement.relative("evaluations_per_image", steps - hits, "evaluations", "lower", protocol,
                                      tolerance=0.05),
-                Measurement.relative("gmacs_per_image", round(counter.get_total_flops() / 2e9 / batch_size, 6),
+                Measurement.relative("gmacs_per_image", round(gmacs / batch_size, 6),
                                      "GMACs", "lower", protocol, tolerance=0.05),
                 Measurement.reported("cache_hit_rate", round(hits / steps, 6), "", "higher", protocol,
                                      tolerance=0.05)]
