@@ -295,7 +295,8 @@ class Context:
                              "techniques.apply(model, stack, Context(profile=..., variant=...))")
         if warmup != "profile":
             overrides["warmup_steps"] = self._warmup(warmup, steps)
-        return self.profile.train_config(variant, steps=steps, **overrides)
+        # a technique's own training (reference=False): allowed on a profile of given checkpoints too
+        return self.profile.train_config(variant, reference=False, steps=steps, **overrides)
 
     def _warmup(self, warmup: str | int, steps: int) -> int:
         profile_warmup = self.profile.train.get("warmup_steps", 0)
