@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -323,3 +324,24 @@ def test_a_profile_named_like_a_builtin_is_an_error(project):
     with pytest.raises(ProfileError, match=r"profile name 'my dit': expected letters, digits"):
         get_profile(write(project, BODY, "my dit.toml"))
 
+
+# ------------------------------------------------------------------------------------------------------- callers
+
+def test_the_bench_session_reads_the_rootdirs_pyproject_and_says_what_is_wrong(project):
+    from fastdit.harness.session import Bench, SetupError
+    write(project, pyproject(BODY.replace("image_size = 32", 'image_size = "32"')), "pyproject.toml")
+    options = dict(fastdit_profile="mydit", fastdit_device="cpu")
+    config = SimpleNamespace(getoption=options.get, rootpath=project)
+    with pytest.raises(SetupError) as err:
+        Bench(config)
+    assert str(err.value) == (f"{project / 'pyproject.toml'}, key tool.fastdit.profiles.mydit.image_size: "
+                              "expected an integer, got a string ('32')")
+
+
+def test_the_comparison_worker_rebuilds_file_profiles(project, monkeypatch):
+    from fastdit.harness.worker import _profile
+    write(project, pyproject(BODY), "pyproject.toml")
+    monkeypatch.chdir(project.parent / "elsewhere")  # the worker runs in the base's tree
+    for profile in (get_profile(write(project, BODY)), get_profile("mydit", root=project), get_profile("cpu")):
+        spec = json.loads(json.dumps(dict(name=profile.name, source=profile.source, overrides={"fid_samples": 5})))
+        assert _profile(spec) == dataclasses.replace(profile, fid_samples=5)

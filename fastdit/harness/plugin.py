@@ -35,7 +35,9 @@ def pytest_plugin_registered(plugin, plugin_name, manager):
 def pytest_addoption(parser):
     g = parser.getgroup("fastdit", "fastdit benchmark suite")
     g.addoption("--profile", dest="fastdit_profile", default=None,
-                help="benchmark profile: cpu, gpu or paper (default: gpu with CUDA, else cpu)")
+                help="benchmark profile: a built-in (cpu, gpu, paper; default gpu with CUDA, else cpu), the path of a "
+                     "profile .toml file, or the name of a [tool.fastdit.profiles.<name>] table in the rootdir's "
+                     "pyproject.toml")
     g.addoption("--device", dest="fastdit_device", default=None, help="torch device (default: cuda if available)")
     g.addoption("--tier", dest="fastdit_tier", default="quick", choices=TIERS,
                 help="quick: the CI gate, representative rows; full: every variant x setting")
@@ -315,7 +317,7 @@ def pytest_generate_tests(metafunc):
     if wants_variant:
         from ..profiles import default_profile, get_profile
         try:
-            profile = get_profile(config.getoption("fastdit_profile") or default_profile())
+            profile = get_profile(config.getoption("fastdit_profile") or default_profile(), root=config.rootpath)
         except ValueError as err:
             raise pytest.UsageError(str(err)) from None
         full = config.getoption("fastdit_tier") == "full"

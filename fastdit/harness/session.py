@@ -115,9 +115,10 @@ class Bench:
         if opt("fastdit_dataset"):
             overrides["dataset"] = opt("fastdit_dataset")
         self.overrides = overrides
-        try:
-            self.profile = get_profile(opt("fastdit_profile") or default_profile(), **overrides)
-        except ValueError as err:
+        self.rootpath = Path(config.rootpath)
+        try:  # a profile's name may be a [tool.fastdit.profiles.<name>] table of the project's pyproject.toml
+            self.profile = get_profile(opt("fastdit_profile") or default_profile(), root=self.rootpath, **overrides)
+        except ValueError as err:  # a ProfileError too: it names the file, the key and what is expected
             raise SetupError(str(err)) from None
         self._require_inputs()
         self.tier = opt("fastdit_tier")
@@ -133,7 +134,6 @@ class Bench:
         # protocol field: a release that leaves the samples as they were keeps every baseline, and one that changes
         # them fails the solver rows' output fingerprints ("outputs changed"), not every row on every release.
         self.machine = dict(cost.describe_device(device), workers=self.workers, diffusers=_version("diffusers"))
-        self.rootpath = Path(config.rootpath)
         root = Path(opt("fastdit_baselines") or self.rootpath / "baselines")
         self.baselines = BaselineFile(root, self.profile.name, device_class(self.machine))
         self.stored = self.baselines.load()  # a corrupt file fails here, before anything is measured
@@ -557,7 +557,8 @@ class Bench:
         # On CPU both sides run on the same cores, in turns (measure.same_cores).
         cores = measure.same_cores(threads or 1) if self.machine["device"] == "cpu" else None
         spec = dict(origin=origin, stack=origin.get("stack", []), variant=origin["variant"], device=self.device,
-                    profile=dict(name=self.profile.name, overrides=self.overrides), work=work, threads=threads,
+                    profile=dict(name=self.profile.name, source=self.profile.source, overrides=self.overrides),
+                    work=work, threads=threads,
                     cores=cores, state=self._hand_over(model) if origin.get("stack") else None,
                     purpose=purpose)  # timed and profiled builds are kept apart
         try:

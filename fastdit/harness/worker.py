@@ -125,15 +125,27 @@ def technique_from_dict(techniques, settings):
 def _context(techniques, spec):
     """The base's Context with the fields it has (an older base may lack some)."""
     from dataclasses import fields
-    from fastdit.profiles import get_profile
     profile = spec.get("profile")
     try:
-        profile = get_profile(profile["name"], **profile.get("overrides", {})) if profile else None
+        profile = _profile(profile) if profile else None
     except (ValueError, TypeError) as err:
         raise NotInBase(f"the base has no profile {profile['name']!r} with these settings ({err})") from None
     wanted = dict(device=spec["device"], profile=profile, variant=spec.get("variant"), progress=False)
     known = {f.name for f in fields(techniques.Context)}
     return techniques.Context(**{k: v for k, v in wanted.items() if k in known})
+
+
+def _profile(profile):
+    """The base's build of the head's profile: a built-in by its name, a profile file by its path, a pyproject table
+    by its name from the folder of that pyproject.toml. A base that knows only built-ins raises ValueError or
+    TypeError (no `root`) for the others: the profile is then new in head."""
+    from fastdit.profiles import get_profile
+    source, overrides = profile.get("source"), profile.get("overrides", {})
+    if source is None:
+        return get_profile(profile["name"], **overrides)
+    if Path(source).name == "pyproject.toml":
+        return get_profile(profile["name"], root=Path(source).parent, **overrides)
+    return get_profile(source, **overrides)
 
 
 def _load_state(model, path):
