@@ -15,6 +15,10 @@ the model definitions and the data code, hashed by what they do). It comes from,
    atomic rename followed by its meta.json, so a killed run never leaves a model that is later trusted.
 
 Models that techniques train (train_cached) are keyed the same way, with the technique's own module among the code.
+
+A profile of given checkpoints (zoo="given": a team's own trained models, named in its profile file) is never
+trained: each variant is loaded from its checkpoint, identified by the checkpoint's sha256 (checkpoint_digest), which
+must match the profile's `sha256` where it pins one.
 """
 import hashlib
 import json
@@ -57,10 +61,55 @@ def zoo_key(config, data_fingerprint):
 def reference_model(profile, variant, *, device="cpu", progress=True):
     """The trained EMA model of `variant` in `profile` (eval mode) and a dict saying where it came from."""
     profile = get_profile(profile) if isinstance(profile, str) else profile
+    if profile.zoo == "given":
+        return given_model(profile, variant, device=device)
     config = profile.train_config(variant)
     path, info = ensure_trained(config, committed=profile.name if profile.zoo == "committed" else None,
                                 progress=progress)
     return load(path, map_location=device), info
+
+
+def given_model(profile, variant, *, device="cpu"):
+    """A given profile's checkpoint of `variant`, loaded as it is (checked against the shapes of its `variant`, if the
+    profile names one), and {path, sha256, source}. A pinned sha256 that does not match is an error naming the file
+    and key of the profile: the model is not the one its baselines were measured with."""
+    if variant not in profile.checkpoints:
+        raise ValueError(f"profile {profile.name!r} ({profile.source}) has no checkpoint {variant!r}; its variants: "
+                         f"{', '.join(profile.variants)}")
+    given = profile.checkpoints[variant]
+    # the key as the profile's file spells it: a pyproject.toml holds the profile under tool.fastdit.profiles
+    table = f"tool.fastdit.profiles.{profile.name}." if Path(profile.source).name == "pyproject.toml" else ""
+    key = f"{table}variants.{variant}"
+    digest = checkpoint_digest(given.path)
+    if given.sha256 and digest != given.sha256:
+        raise ValueError(f"{profile.source}, key {key}.sha256: {given.path} has sha256 {digest}, not the pinned "
+                         f"{given.sha256}; restore the checkpoint, or pin the new one on purpose")
+    try:
+        model = load(given.path, given.variant, map_location=device)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise ValueError(f"{profile.source}, key {key}: {given.path} cannot be loaded"
+                         f"{' as ' + given.variant if given.variant else ''}: {err}") from None
+    return model, dict(path=given.path, sha256=digest, source="given")
+
+
+_DIGESTS = {}  # (path, size, mtime) of each file -> the checkpoint's digest: hashed once per process
+
+
+def checkpoint_digest(path) -> str:
+    """The sha256 of a checkpoint: of the file, or for a diffusers folder of every file under it (relative names and
+    contents, in sorted order), so that any change to what fastdit.models.load reads changes it."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamp = (str(path.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _DIGESTS:
+        if not path.is_dir():
+            _DIGESTS[stamp] = sha256_file(path)
+        else:
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode() + b"\0")
+            _DIGESTS[stamp] = h.hexdigest()
+    return _DIGESTS[stamp]
 
 
 def zoo_code():

@@ -140,6 +140,7 @@ class Bench:
         self._evaluator = self._reference_features = None
         self._peak = None
         self._references = {}  # (variant, device) -> the loaded zoo model, copied for each caller
+        self._load_given()
         # --compare-to: the plugin checked the base tree out (once, on the xdist controller); each process runs its
         # own worker on it.
         base = getattr(config, "_fastdit_base", None)
@@ -161,6 +162,15 @@ class Bench:
         except (FileNotFoundError, ValueError) as err:
             raise SetupError(f"the {p.name!r} profile cannot run here: {err}") from None
 
+    def _load_given(self):
+        """A profile of given checkpoints: every one loaded once at session start, so that a file that is missing,
+        unreadable, of other shapes than its `variant` or not matching its pinned sha256 is one error naming the
+        profile's file and key, before anything is measured."""
+        if self.profile.zoo != "given":
+            return
+        for variant in self.profile.variants:
+            self.reference_model(variant, device="cpu")
+
     # ------------------------------------------------------------------------------------------------ building
 
     def reference_model(self, variant: str, device: str | None = None) -> torch.nn.Module:
@@ -169,7 +179,12 @@ class Bench:
         device = device or self.device
         if (variant, device) not in self._references:
             from ..zoo import reference_model
-            model, info = reference_model(self.profile, variant, device=device, progress=False)
+            try:
+                model, info = reference_model(self.profile, variant, device=device, progress=False)
+            except ValueError as err:
+                if self.profile.zoo != "given":
+                    raise
+                raise SetupError(str(err)) from None
             self._references[variant, device] = _origin(model, dict(kind="checkpoint", variant=variant,
                                                                     path=str(Path(info["path"]).resolve())))
         return copy.deepcopy(self._references[variant, device])
@@ -211,6 +226,11 @@ class Bench:
                         sampler=p.sampler, steps=p.sampling_steps, num_timesteps=p.num_timesteps, eta=p.eta,
                         cfg=p.cfg_scale, guided=p.guided_channels, clip=p.clip_denoised, n=p.fid_samples,
                         seed=0, sample_batch_size=p.sample_batch_size, evaluator=p.evaluator)
+            if variant in p.checkpoints:
+                # A given model is identified by its checkpoint's contents: another file under the same name is a
+                # protocol mismatch, never a silent new baseline.
+                from ..zoo import checkpoint_digest
+                base["checkpoint_sha256"] = checkpoint_digest(p.checkpoints[variant].path)
         else:
             base.update(p.paper_shape)
         base.update(fields)
