@@ -286,7 +286,8 @@ def build_parser():
     p.add_argument("--no-ema", action="store_true", help="use a training checkpoint's 'model' weights, not 'ema'")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="global seed; sample i depends only on (seed, i)")
-    p.add_argument("--profile", help="take sampler, steps and guidance from a profile (e.g. paper: 250 DDPM "
+    p.add_argument("--profile", help="take sampler, steps and guidance from a profile (a built-in, a profile .toml "
+                   "or a [tool.fastdit.profiles.<name>] table of ./pyproject.toml; e.g. paper: 250 DDPM "
                    "steps, cfg 4.0, DiT's 3-channel guidance); the options below override it")
     p.add_argument("--sampler", choices=tuple(DEFAULT_STEPS), help="default ddpm")
     p.add_argument("--steps", type=int, help="denoising steps (default 250 for ddpm, 50 for ddim, 20 for the "

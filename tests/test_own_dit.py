@@ -83,7 +83,8 @@ def test_ours(bench, variant, stack):
     reference = bench.reference_model(variant)
     model = bench.apply(bench.reference_model(variant), stack, variant)
     protocol = bench.protocol(variant, stack)
-    bench.check(bench.cost(model, protocol) + bench.speedup(reference, model, protocol, batch_size=16))
+    bench.check(bench.cost(model, protocol) + bench.speedup(reference, model, protocol, batch_size=16)
+                + bench.quality(model, protocol))
 '''
 
 
