@@ -144,7 +144,7 @@ EXPECTED = {
     "sampler": f"one of {', '.join(SAMPLERS)}",
     "sampling_steps": "an integer: the steps of the sampling chain",
     "fid_samples": "an integer: N for FID",
-    "evaluator": f"one of {', '.join(EVALUATORS)}",
+    "evaluator": f"one of {', '.join(EVALUATORS)} or domain:PATH",
 }
 
 # --------------------------------------------------------------------------------------------- where a value is
@@ -269,6 +269,33 @@ def _dataset(value, at):
                    f"{', '.join(f'{p}:PATH' for p in PREFIXED)}, got {name!r}{_closest(name, list(NAMED))}")
 
 
+def _evaluator(value, at):
+    """A built-in evaluator, or domain:PATH: a classifier file of one's own (`fastdit evaluator --out PATH`)."""
+    name = _string(value, at)
+    prefix, sep, path = name.partition(":")
+    if prefix == "domain" and sep:
+        if not path:
+            raise at.error("expected a path after domain:, e.g. domain:evaluators/ours.pt")
+        resolved = at.resolve(path)
+        if not os.path.isfile(resolved):
+            raise at.error(f"{resolved} does not exist; write a domain evaluator there with `fastdit evaluator "
+                           f"--dataset DATA --image-size SIZE --out {path}`")
+        return f"domain:{resolved}"
+    return _choice(name, at, EVALUATORS + ("domain:PATH",), "fastdit.metrics.quality.EVALUATORS")
+
+
+def portable(profile, spec: str) -> str:
+    """A data set or evaluator spec as a protocol records it: a path under the profile file's folder relative to it,
+    so that baselines recorded in one checkout gate in another (a CI runner's, a colleague's)."""
+    prefix, sep, path = spec.partition(":")
+    if not (sep and profile.source and os.path.isabs(path)):
+        return spec
+    folder = os.path.dirname(profile.source)
+    if os.path.commonpath([folder, path]) != folder:
+        return spec
+    return f"{prefix}:{os.path.relpath(path, folder)}"
+
+
 def _variant_name(value, at):
     if _string(value, at) not in VARIANTS:
         raise at.error(f"expected a registered variant name, got {value!r}{_closest(value, list(VARIANTS))}; "
@@ -375,7 +402,7 @@ CHECKS = {
     "guided_channels": _integer,
     "clip_denoised": _boolean,
     "fid_samples": _integer,
-    "evaluator": lambda v, at: _choice(v, at, EVALUATORS, "fastdit.metrics.quality.EVALUATORS"),
+    "evaluator": lambda v, at: _evaluator(v, at),
     "throughput_batch_sizes": _positive_ints,
     "quick_variants": _names,
     "zoo": lambda v, at: _choice(v, at, ZOOS, "where the variants' models come from"),

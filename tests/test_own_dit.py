@@ -1,6 +1,9 @@
 """A team's own DiT in the gate: a scratch repository outside this one, with its own diffusers-format checkpoint, image
 folder, profile (a [tool.fastdit.profiles.<name>] table of its pyproject.toml), bench module and technique, and no
 conftest code: installing fastdit is the whole setup."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -139,6 +142,19 @@ def test_a_teams_own_dit_and_technique_are_gated(team, monkeypatch):
     unchanged.assert_outcomes(passed=2)
     assert "regressed" not in unchanged.stdout.str() and "mismatch" not in unchanged.stdout.str()
 
+    # The same repository checked out elsewhere (another runner, another path): its baselines still gate, since the
+    # protocols record the profile's paths relative to its file.
+    elsewhere = team.path.parent / f"{team.path.name}-elsewhere"
+    shutil.copytree(team.path, elsewhere, ignore=shutil.ignore_patterns("cache"))
+    monkeypatch.chdir(elsewhere)
+    moved = team.runpytest_subprocess("bench", "--profile", "ours", "-p", "no:cacheprovider", "--benchmark-disable")
+    moved.assert_outcomes(passed=2)
+    assert "mismatch" not in moved.stdout.str()
+    monkeypatch.chdir(team.path)
+    stored = json.loads((team.path / "baselines" / "ours" / "cpu.json").read_text())
+    protocol = next(iter(next(iter(stored.values())).values()))["protocol"]
+    assert protocol["dataset"] == "folder:data/train" and len(protocol["checkpoint_sha256"]) == 64
+
     # The team's technique got slower: its speed ratio over the reference regresses.
     monkeypatch.setenv("OURS_SLOW", "1")
     slow = _run(team, "-k", "not prune")
@@ -171,3 +187,33 @@ def test_a_pinned_sha256_that_does_not_match_says_how_to_fix_it(team):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     out = result.stdout.str() + result.stderr.str()
     assert "key tool.fastdit.profiles.ours.variants.ours-s.sha256" in out and "pin the new one on purpose" in out, out
+
+
+def test_a_domain_evaluator_of_ones_own_data_is_a_file_the_profile_names(tmp_path, capsys):
+    """`fastdit evaluator --out FILE` trains the small classifier on a one-split image folder (every 10th image held
+    out), a profile names it as domain:FILE (relative to the profile), and the protocol pins its sha256."""
+    from types import SimpleNamespace
+
+    from fastdit.cli import main
+    from fastdit.files import sha256_file
+    from fastdit.harness.session import Bench
+    from fastdit.metrics.quality import check_evaluator, get_evaluator
+    from fastdit.profiles import get_profile
+    _image_folder(tmp_path / "data" / "train")
+    main(["evaluator", "--dataset", f"folder:{tmp_path / 'data' / 'train'}", "--image-size", "16", "--epochs", "1",
+          "--out", str(tmp_path / "evaluators" / "ours.pt")])
+    assert "held-out accuracy" in capsys.readouterr().out
+    path = tmp_path / "evaluators" / "ours.pt"
+    check_evaluator(f"domain:{path}", "folder:x", 16)
+    features = get_evaluator(f"domain:{path}", "folder:x", 16).features(np.zeros((3, 16, 16, 3), np.uint8))
+    assert {k: v.shape[0] for k, v in features.items()} == {"pool": 3, "spatial": 3, "logits": 3}
+    _save_dit(tmp_path / "checkpoints" / "ours-s")
+    table = PYPROJECT.split("[tool.fastdit.profiles.ours]")[1]
+    table = table.replace('evaluator = "inception"', 'evaluator = "domain:evaluators/ours.pt"')
+    (tmp_path / "profile.toml").write_text(table.replace("[tool.fastdit.profiles.ours.variants.ours-s]",
+                                                         "[variants.ours-s]"))
+    profile = get_profile(tmp_path / "profile.toml")
+    assert profile.evaluator == f"domain:{path}"
+    protocol = Bench.protocol(SimpleNamespace(profile=profile, machine={"device": "cpu"}), "ours-s")
+    assert protocol["evaluator"] == "domain:evaluators/ours.pt" and protocol["dataset"] == "folder:data/train"
+    assert protocol["evaluator_sha256"] == sha256_file(path)

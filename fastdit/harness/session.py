@@ -222,10 +222,14 @@ class Bench:
         if scale == "zoo":
             # Every sampling parameter, named as sampling.PROTOCOL_FIELDS names it. The thread count is not a field:
             # it changes samples only by float rounding, which the reproducibility band measures.
-            base.update(profile=p.name, dataset=p.dataset, image_size=p.image_size, resize=p.resize,
+            from ..profiles import portable
+            base.update(profile=p.name, dataset=portable(p, p.dataset), image_size=p.image_size, resize=p.resize,
                         sampler=p.sampler, steps=p.sampling_steps, num_timesteps=p.num_timesteps, eta=p.eta,
                         cfg=p.cfg_scale, guided=p.guided_channels, clip=p.clip_denoised, n=p.fid_samples,
-                        seed=0, sample_batch_size=p.sample_batch_size, evaluator=p.evaluator)
+                        seed=0, sample_batch_size=p.sample_batch_size, evaluator=portable(p, p.evaluator))
+            if p.evaluator.startswith("domain:"):  # a retrained classifier measures another FID
+                from ..files import sha256_file
+                base["evaluator_sha256"] = sha256_file(p.evaluator.partition(":")[2])
             if variant in p.checkpoints:
                 # A given model is identified by its checkpoint's contents: another file under the same name is a
                 # protocol mismatch, never a silent new baseline.

@@ -82,9 +82,14 @@ def train_classifier(dataset: str = "fashion-mnist", image_size: int = 16, epoch
     from ..data import load_dataset, prepare
     train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
     x, y = prepare(train.images, image_size), torch.from_numpy(train.labels)
+    x_test, y_test = prepare(test.images, image_size), torch.from_numpy(test.labels)
+    if train.fingerprint == test.fingerprint:  # a file or folder has one split: every 10th image is held out
+        held = torch.arange(len(x)) % 10 == 9
+        x, y, x_test, y_test = x[~held], y[~held], x[held], y[held]
     torch.manual_seed(seed)
     model = DomainNet(x.shape[1], train.num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    batch_size = min(batch_size, len(x))  # a small data set of one's own: one batch an epoch
     steps = epochs * (len(x) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
@@ -103,7 +108,7 @@ def train_classifier(dataset: str = "fashion-mnist", image_size: int = 16, epoch
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     seconds = time.perf_counter() - t0
-    return model.eval(), accuracy(model, prepare(test.images, image_size), torch.from_numpy(test.labels)), seconds
+    return model.eval(), accuracy(model, x_test, y_test), seconds
 
 
 @torch.no_grad()
@@ -127,6 +132,31 @@ def save_classifier(model: DomainNet, dataset: str, image_size: int, test_accura
                           command=f"fastdit evaluator --dataset {dataset} --image-size {image_size}")
     atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
     return path
+
+
+def save_classifier_file(model: DomainNet, dataset: str, image_size: int, path: str | Path) -> str:
+    """Write a classifier to a file of one's own (a profile names it as evaluator = "domain:PATH"); returns its
+    sha256."""
+    state = dict(state_dict=model.state_dict(), config=model.config, dataset=dataset, image_size=image_size)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), lambda f: torch.save(state, f))
+    return sha256_file(path)
+
+
+def load_classifier_file(path: str | Path) -> tuple[DomainNet, str, int]:
+    """A classifier written by save_classifier_file (or `fastdit evaluator --out`): (model, sha256, image size)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"domain evaluator {path} does not exist; write one with `fastdit evaluator "
+                                f"--dataset DATA --image-size SIZE --out {path}`")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = DomainNet(**state["config"])
+        model.load_state_dict(state["state_dict"])
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(f"{path} is not a domain evaluator written by `fastdit evaluator --out` "
+                         f"({type(err).__name__}: {err})") from None
+    return model.eval(), sha256_file(path), int(state["image_size"])
 
 
 def load_classifier(dataset: str, image_size: int, folder: str | Path = WEIGHTS) -> tuple[DomainNet, str]:
@@ -161,6 +191,20 @@ def register(dataset: str, image_size: int) -> str:
     if name in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
         return name
     model, sha256 = load_classifier(dataset, image_size)
+    return _register(name, model, sha256, image_size)
+
+
+def register_file(path: str | Path) -> str:
+    """Register a classifier file (evaluator = "domain:PATH") as "fastdit-domain-file-<sha256 prefix>": a retrained
+    file is another evaluator, with its own cached reference features."""
+    model, sha256, image_size = load_classifier_file(path)
+    name = f"fastdit-domain-file-{sha256[:16]}"
+    if name in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+        return name
+    return _register(name, model, sha256, image_size)
+
+
+def _register(name: str, model: DomainNet, sha256: str, image_size: int) -> str:
 
     class DomainExtractor(torch_fidelity.FeatureExtractorBase):
         def __init__(self, name, features_list, **kwargs):

