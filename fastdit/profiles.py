@@ -109,7 +109,8 @@ class Profile:
         reference=False asks for a technique's training of the variant (fine-tuning, distillation: the technique
         passes its own steps), which a profile of given checkpoints allows; training a given model itself does not
         exist."""
-        if variant not in self.variants:
+        # a technique may train a registered architecture the zoo does not hold (a distilled student)
+        if variant not in self.variants and (reference or variant not in VARIANTS):
             raise ValueError(f"profile {self.name!r} has no variant {variant!r}; its variants: "
                              f"{', '.join(self.variants)}")
         if reference and self.zoo == "given":

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
@@ -217,3 +218,26 @@ def test_a_domain_evaluator_of_ones_own_data_is_a_file_the_profile_names(tmp_pat
     protocol = Bench.protocol(SimpleNamespace(profile=profile, machine={"device": "cpu"}), "ours-s")
     assert protocol["evaluator"] == "domain:evaluators/ours.pt" and protocol["dataset"] == "folder:data/train"
     assert protocol["evaluator_sha256"] == sha256_file(path)
+
+
+def test_techniques_that_train_train_on_the_given_profiles_data(tmp_path, monkeypatch):
+    """A given model is never trained itself, but a technique's training (here recovery after head pruning) runs on
+    the profile's own data with its recipe, and a distilled student may be any registered architecture."""
+    from fastdit.profiles import get_profile
+    from fastdit.techniques import Context, apply
+    from fastdit.techniques.pruning import PruneHeads, Recover
+    from fastdit.zoo import reference_model
+    monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path / "cache"))
+    _image_folder(tmp_path / "data" / "train")
+    _save_dit(tmp_path / "checkpoints" / "ours-s")
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT + '[tool.fastdit.profiles.ours.train]\nbatch_size = 4\n')
+    profile = get_profile("ours", root=tmp_path)
+    model, info = reference_model(profile, "ours-s")
+    assert info["source"] == "given" and len(info["sha256"]) == 64
+    with pytest.raises(ValueError, match="loaded, never trained"):
+        profile.train_config("ours-s")
+    assert profile.train_config("DiT-XS/4", reference=False, steps=5).dataset == profile.dataset
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = apply(model, [PruneHeads(0.5, "remove"), Recover(steps=3)], Context(profile=profile, variant="ours-s"))
+    assert any(not torch.equal(before[k], v) for k, v in out.state_dict().items() if k in before
+               and before[k].shape == v.shape)
