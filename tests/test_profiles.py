@@ -116,8 +116,10 @@ def test_given_checkpoints_are_never_trained_but_techniques_train_on_the_profile
         profile.train_config("ours-s2")
     config = profile.train_config("ours-s2", reference=False, steps=50)
     assert (config.steps, config.batch_size, config.warmup_steps, config.image_size) == (50, 16, 10, 32)
+    # a technique may train a registered architecture the zoo does not hold (a distilled student), nothing else
+    assert profile.train_config("DiT-S/2", reference=False, steps=50).variant == "DiT-S/2"
     with pytest.raises(ValueError, match="no variant"):
-        profile.train_config("DiT-S/2", reference=False, steps=50)
+        profile.train_config("DiT-Q/9", reference=False, steps=50)
 
 
 def test_overrides_apply_to_every_kind_of_profile(project):
@@ -219,7 +221,9 @@ BAD = [
      ["expected one of ddpm, ddim, dpm-solver++, unipc (fastdit.sampling.SAMPLERS), got 'euler'"]),
     ("misspelt-sampler", 'sampler = "ddim"', 'sampler = "dpm-solver"', "sampler", ["did you mean 'dpm-solver++'"]),
     ("unknown-evaluator", 'evaluator = "inception"', 'evaluator = "clip"', "evaluator",
-     ["expected one of domain, inception (fastdit.metrics.quality.EVALUATORS), got 'clip'"]),
+     ["expected one of domain, inception, domain:PATH (fastdit.metrics.quality.EVALUATORS), got 'clip'"]),
+    ("missing-evaluator-file", 'evaluator = "inception"', 'evaluator = "domain:evaluators/none.pt"', "evaluator",
+     ["evaluators/none.pt does not exist; write a domain evaluator there with `fastdit evaluator"]),
     ("unknown-dataset", 'dataset = "folder:data/train"', 'dataset = "fashion_mnist"', "dataset",
      ["expected a built-in data set (fashion-mnist, digits) or npz:PATH, folder:PATH, latents:PATH",
       "did you mean 'fashion-mnist'"]),
