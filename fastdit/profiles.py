@@ -18,7 +18,7 @@ table of the project's pyproject.toml. The built-ins are tables of the same keys
     sampler = "ddim"                         # fastdit.sampling.SAMPLERS
     sampling_steps = 25
     fid_samples = 200
-    evaluator = "inception"                  # fastdit.metrics.quality.EVALUATORS
+    evaluator = "inception"                  # fastdit.metrics.quality.EVALUATORS, or domain:PATH (a classifier file)
     quick_variants = ["ours-s2"]             # default: the first variant
     [tool.fastdit.profiles.mydit.variants.ours-s2]
     path = "checkpoints/ours-s2"             # a diffusers folder or a .pt file
