@@ -3,9 +3,11 @@
 arXiv 2509.17894 used torchao int8 weight-only on every Linear: size -73%, throughput 17-24% slower. Here every scheme
 of fastdit.techniques.quantization is measured, eager and compiled, at two scales:
 
-    paper scale   DiT-S/2 at 32x32x4 (seeded random weights), batch 8, one thread: serialized size and its ratio to
-                  fp32, peak memory, and the forward's speed ratio to the fp32 model timed interleaved in this run
-                  (for a compiled scheme, to the compiled fp32 model, so that the ratio is the quantization's alone)
+    paper scale   DiT-S/2 at 32x32x4 (seeded random weights) in the profile's throughput dtype (fp32 on the cpu
+                  profile, bf16 on gpu), at its paper batches (8 on cpu, one thread; 64 and 256 on gpu): serialized
+                  size and its ratio to fp32, peak memory, and the forward's speed ratio to the unquantized model
+                  timed interleaved in this run (for a compiled scheme, to the compiled model, so that the ratio is
+                  the quantization's alone)
     cpu zoo       the trained models: the output error against fp32 on seeded inputs, size, peak memory, the speed
                   ratio at the profile's largest throughput batch (reported as measured: small models may be slower),
                   and FID / sFID / KID / precision / recall, set beside the fp32 reference's calibrated baseline
@@ -34,8 +36,9 @@ SETTINGS = [Quantize(scheme, "all", compile) for scheme in q.SCHEMES for compile
     [Quantize("int8-weight-only", layers) for layers in ("blocks", "attn-mlp")]
 QUICK = [Quantize("int8-dynamic-cpu", "all").id]
 
-PAPER_VARIANT, PAPER_BATCH = "DiT-S/2", 8
+PAPER_VARIANT = "DiT-S/2"
 PAPER_ROUNDS = 7   # one fp32 S/2 forward at batch 8 takes ~1.6 s on one thread of this machine's CPU
+GPU_ROUNDS = 30    # milliseconds each on a GPU: enough rounds for a tight median
 
 # Output error bound (relative L2 against fp32, on seeded inputs) that each scheme must stay within, with all Linears
 # quantized. Measured: int8-dynamic-cpu 1.24% on the cpu zoo's mS/4; on small random DiTs int8-dynamic-cpu 1.6-1.8%,
@@ -71,20 +74,25 @@ def _size(model, reference, protocol, setting):
 
 # ------------------------------------------------------------------------------------------------- paper scale
 
-def test_paper_scale(bench, setting):
-    """DiT-S/2 at the paper's scale: size, peak memory and the speed ratio to fp32 at batch 8, one thread."""
+def test_paper_scale(bench, setting, paper_batch):
+    """DiT-S/2 at the paper's scale, in the profile's throughput dtype: size and its ratio to fp32, peak memory and
+    the speed ratio to the unquantized model at each of the profile's paper batches (one thread on a CPU)."""
     _skip_unsupported(bench, setting)
-    reference = bench.paper_model(PAPER_VARIANT)
-    model = bench.apply(bench.paper_model(PAPER_VARIANT), setting, PAPER_VARIANT)
-    protocol = bench.protocol(PAPER_VARIANT, setting, scale="paper", mode="compile" if setting.compile else "eager")
-    ratio, measurements = _size(model, reference, protocol, setting)
+    dtype = bench.profile.throughput_dtype
+    reference = bench.paper_model(PAPER_VARIANT, dtype=dtype)
+    model = bench.apply(bench.paper_model(PAPER_VARIANT, dtype=dtype), setting, PAPER_VARIANT)
+    protocol = bench.protocol(PAPER_VARIANT, setting, scale="paper", dtype=dtype,
+                              mode="compile" if setting.compile else "eager")
+    fp32 = reference if dtype == "float32" else bench.paper_model(PAPER_VARIANT)
+    ratio, measurements = _size(model, fp32, protocol, setting)
     if setting.layers == "all":
         low, high = SIZE_RATIO[q.BITS[setting.scheme]]
         assert low <= ratio <= high, f"size ratio {ratio:.4f} outside [{low}, {high}] for {setting.scheme}"
-    measurements.append(bench.peak_memory(model, protocol, PAPER_BATCH))
+    measurements.append(bench.peak_memory(model, protocol, paper_batch))
     # torchao's CPU int8 GEMM takes ~30 s per S/2 forward at batch 8: three rounds show a 20x slowdown well enough.
-    rounds = 3 if setting.scheme == "int8-dynamic" and bench.device == "cpu" else PAPER_ROUNDS
-    measurements += bench.speedup(_prepared(reference, setting), model, protocol, batch_size=PAPER_BATCH,
+    rounds = 3 if setting.scheme == "int8-dynamic" and bench.device == "cpu" else \
+        PAPER_ROUNDS if bench.device == "cpu" else GPU_ROUNDS
+    measurements += bench.speedup(_prepared(reference, setting), model, protocol, batch_size=paper_batch,
                                   rounds=rounds)
     bench.check(measurements, quantized=len(q.unwrap(model).quantization["quantized"]))
 

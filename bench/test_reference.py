@@ -13,8 +13,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fastdit.harness.worker import MODES
 from fastdit.metrics.cost import gmacs_breakdown
 from fastdit.metrics.flops import count_gmacs, count_params, example_inputs
+from fastdit.metrics.measure import is_cuda
 
 PAPER = json.loads((Path(__file__).parents[1] / "baselines" / "paper.json").read_text())["variants"]
 
@@ -61,6 +63,27 @@ def test_paper_block_parts(bench, part):
     bench.check(bench.efficiency(model, dict(call="block", part=part), flops,
                                  bench.protocol("DiT-S/2", scale="paper", part=part, batch_size=1),
                                  name=part, rounds=30))
+
+
+@pytest.mark.bench_full
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(PAPER))
+def test_paper_throughput(bench, name, mode, throughput_batch):
+    """Forwards/s of the paper's four variants at each of the profile's throughput batches, in its throughput
+    dtype, run eager, compiled (torch.compile) and replayed as a CUDA graph (explicit capture: at batch 1 the
+    forward is launch-bound, and one graph launch replaces hundreds of kernel launches); compiled and graphed rows
+    carry their speedup over eager timed interleaved. The paper's batch-1 figure (fp32, eager) is in baselines/
+    paper.json beside it."""
+    if mode == "cuda-graphs" and not is_cuda(bench.device):
+        pytest.skip("CUDA graphs need a CUDA device")
+    dtype = bench.profile.throughput_dtype
+    model = bench.paper_model(name, dtype=dtype)
+    with torch.inference_mode():
+        out = model(*example_inputs(model, batch_size=1, device=bench.device))
+    assert out.dtype == getattr(torch, dtype) and torch.isfinite(out).all(), f"the {dtype} forward is not finite"
+    protocol = bench.protocol(name, scale="paper", dtype=dtype)
+    bench.check(bench.throughput(model, protocol, batch_size=throughput_batch, mode=mode),
+                paper_forwards_per_s=PAPER[name]["batch1_forwards_per_s"])
 
 
 # ---------------------------------------------------------------------------------------------------- the zoo

@@ -37,6 +37,7 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -52,6 +53,7 @@ else:  # the same parser, as a package (a dependency on Python 3.10)
     import tomli as tomllib
 
 RESIZES = ("resize", "pad")
+DTYPES = ("float32", "bfloat16", "float16")
 ZOOS = ("committed", "cache", "given")  # "given": the variants are the profile's checkpoints, never trained
 CHECKPOINT_KEYS = ("path", "variant", "sha256")
 PROFILE_TABLES = "tool.fastdit.profiles"  # where pyproject.toml holds profiles
@@ -91,6 +93,11 @@ class Profile:
     fid_samples: int                 # N for FID / sFID
     evaluator: str                   # "domain" (the project's classifier) or "inception"
     throughput_batch_sizes: tuple = (1, 64)
+    # The dtype of the paper-scale throughput rows and of the models quantized at paper scale: bfloat16 on a GPU,
+    # where fp32 leaves the tensor cores idle and int4 weight-only kernels take bfloat16 activations only.
+    throughput_dtype: str = "float32"
+    paper_batch_sizes: tuple = (8,)  # the batches of the paper-scale technique rows (quantization)
+    max_train_steps: int | None = None  # a cap on every training of the run (the zoo's, each technique's): smoke runs
     quick_variants: tuple            # the representative variants of the quick tier (the CI gate)
     # "committed": weights ship in fastdit/weights/<profile>; "cache": trained on use; "given": `checkpoints`
     zoo: str = "cache"
@@ -117,7 +124,11 @@ class Profile:
             raise ValueError(f"profile {self.name!r} ({self.source}) gives its models as checkpoints: {variant!r} is "
                              f"{self.checkpoints[variant].path}, which is loaded, never trained")
         shared = dict(dataset=self.dataset, image_size=self.image_size, resize=self.resize, **self.train)
-        return TrainConfig(variant=variant, **{**shared, **overrides})
+        config = TrainConfig(variant=variant, **{**shared, **overrides})
+        if self.max_train_steps is not None and config.steps > self.max_train_steps:
+            config = replace(config, steps=self.max_train_steps,
+                             warmup_steps=min(config.warmup_steps, self.max_train_steps - 1))
+        return config
 
 
 # What the profile itself sets of a TrainConfig (so a `train` table may not), and what is derived from other keys.
@@ -405,6 +416,9 @@ CHECKS = {
     "fid_samples": _integer,
     "evaluator": lambda v, at: _evaluator(v, at),
     "throughput_batch_sizes": _positive_ints,
+    "throughput_dtype": lambda v, at: _choice(v, at, DTYPES, "torch floating dtypes the rows run in"),
+    "paper_batch_sizes": _positive_ints,
+    "max_train_steps": _integer,
     "quick_variants": _names,
     "zoo": lambda v, at: _choice(v, at, ZOOS, "where the variants' models come from"),
     "sample_batch_size": _integer,
@@ -505,6 +519,8 @@ BUILTIN_TABLES = {
         fid_samples=10_000,
         evaluator="inception",
         throughput_batch_sizes=[1, 64, 256],
+        throughput_dtype="bfloat16",
+        paper_batch_sizes=[64, 256],
         quick_variants=["DiT-S/2"],
         sample_batch_size=500,
     ),
@@ -533,17 +549,59 @@ PROFILES = {name: profile_from_table(name, table) for name, table in BUILTIN_TAB
 # ------------------------------------------------------------------------------------------------------ loading
 
 
-def get_profile(spec: str | os.PathLike, root: str | os.PathLike | None = None, **overrides) -> Profile:
+def get_profile(spec: str | os.PathLike, root: str | os.PathLike | None = None, settings: Sequence[str] = (),
+                **overrides) -> Profile:
     """A profile: a built-in name, the path of a profile .toml file, or the name of a [tool.fastdit.profiles.<name>]
-    table in root/pyproject.toml (root: default the current directory). Keyword overrides replace fields (e.g.
-    fid_samples=200 for a quick run)."""
-    profile = _find(os.fspath(spec), Path(root) if root is not None else Path.cwd())
+    table in root/pyproject.toml (root: default the current directory).
+
+    settings: "KEY=VALUE" strings (`pytest bench --set`), each a dotted key of the profile's table and a TOML value
+    (a bare word is a string): `train.steps=2`, `fid_samples=8`, `throughput_batch_sizes=[1, 2]`. They replace the
+    table's values before it is checked, so a wrong one is the same ProfileError a file's would be. Keyword
+    overrides replace the built Profile's fields (e.g. fid_samples=200 for a quick run)."""
+    name, table, where, key = _find(os.fspath(spec), Path(root) if root is not None else Path.cwd())
+    if not settings:
+        profile = profile_from_table(name, table, where, key)
+    else:
+        try:
+            profile = profile_from_table(name, with_settings(table, settings), where, key)
+        except ProfileError as err:
+            raise ProfileError(f"{err} (with --set {' '.join(settings)})") from None
     return replace(profile, **overrides) if overrides else profile
 
 
+def parse_setting(text: str) -> tuple[list[str], object]:
+    """(dotted key parts, value) of "KEY=VALUE"; the value is TOML (`2`, `[1, 2]`, `"x"`, `true`), else a string."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(BARE_KEY.fullmatch(part) for part in parts):
+        raise ProfileError(f"--set {text!r}: expected KEY=VALUE with a dotted profile key, e.g. train.steps=2 or "
+                           f"throughput_batch_sizes=[1,2]; profile keys: {', '.join(KEYS)}")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()  # a bare word: fid_samples=8 is TOML, dataset=digits is a string
+    return parts, parsed
+
+
+def with_settings(table: dict, settings: Sequence[str]) -> dict:
+    """A copy of a profile table with each "KEY=VALUE" setting in it (nested tables copied, never changed)."""
+    import copy
+    table = copy.deepcopy(table)
+    for text in settings:
+        parts, value = parse_setting(text)
+        node = table
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ProfileError(f"--set {text!r}: {'.'.join(parts[:i + 1])} is not a table")
+        node[parts[-1]] = value
+    return table
+
+
 def _find(spec, root):
+    """(name, table, file or None, dotted key of the table in the file) of a profile spec."""
     if spec.endswith(".toml") or "/" in spec or os.sep in spec:
-        return load_profile_file(spec)
+        return _profile_file(spec)
     pyproject = Path(os.path.abspath(root / "pyproject.toml"))
     tables = pyproject_profiles(pyproject)
     # A table named like a built-in could never be chosen, or would silently replace the built-in: neither is wanted.
@@ -552,9 +610,9 @@ def _find(spec, root):
             raise _At(str(pyproject), f"{PROFILE_TABLES}.{name}").error(
                 f"a table named like the built-in profile {name!r}; rename it (built-ins: {', '.join(PROFILES)})")
     if spec in PROFILES:
-        return PROFILES[spec]
+        return spec, BUILTIN_TABLES[spec], None, ""
     if spec in tables:
-        return profile_from_table(spec, tables[spec], pyproject, f"{PROFILE_TABLES}.{spec}")
+        return spec, tables[spec], pyproject, f"{PROFILE_TABLES}.{spec}"
     raise ProfileError(f"unknown profile {spec!r}{_closest(spec, [*PROFILES, *tables])}; built-in profiles: "
                        f"{', '.join(PROFILES)}; {_tables_found(pyproject, tables)}; or pass the path of a profile "
                        ".toml file")
@@ -597,6 +655,10 @@ def pyproject_profiles(pyproject: str | os.PathLike) -> dict:
 
 def load_profile_file(path: str | os.PathLike) -> Profile:
     """The profile a standalone .toml file declares: its keys at top level, `name` optional (default: the stem)."""
+    return profile_from_table(*_profile_file(path))
+
+
+def _profile_file(path):
     given = os.fspath(path)
     path = Path(os.path.abspath(os.path.expanduser(given)))
     if path.is_dir():
@@ -617,7 +679,7 @@ def load_profile_file(path: str | os.PathLike) -> Profile:
         origin = "its `name` key" if named else "its file name"
         raise at.error(f"the profile is named {name!r} (from {origin}), like a built-in profile; set name = \"...\" "
                        "in the file or rename the file")
-    return profile_from_table(name, table, path)
+    return name, table, path, ""
 
 
 def default_profile():

@@ -251,3 +251,39 @@ def test_dispatched_macs_count_what_runs_and_agree_with_fvcore(variant):
     assert counted == pytest.approx(count_gmacs(model, 2), rel=5e-3)  # attention's fused CPU kernel counted too
     assert twice == pytest.approx(2 * counted)
     assert quantized == pytest.approx(counted)  # the dynamic int8 Linear counts as the Linear it replaces
+
+
+def test_a_bfloat16_model_runs_end_to_end_in_bfloat16_and_fp32_models_are_left_alone(tiny_dit):
+    """harness.worker.in_dtype: weights, buffers, inputs and the timestep embedding all in bf16, close to fp32."""
+    from fastdit.harness.worker import in_dtype, workload
+    model = tiny_dit()
+    assert in_dtype(model, "float32") is model and not model.t_embedder.mlp._forward_pre_hooks
+    reference = workload(model, dict(call="forward", batch_size=3), "cpu")()
+    bf16 = in_dtype(tiny_dit(), "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert example_inputs(bf16, 3)[0].dtype == torch.bfloat16
+    out = workload(bf16, dict(call="forward", batch_size=3), "cpu")()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_the_forward_workload_runs_compiled_and_refuses_cuda_graphs_without_cuda(tiny_dit):
+    from fastdit.harness.worker import workload
+    model = tiny_dit()
+    eager = workload(model, dict(call="forward", batch_size=2, mode="eager"), "cpu")()
+    compiled = workload(model, dict(call="forward", batch_size=2, mode="compile"), "cpu")()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        workload(model, dict(call="forward", batch_size=2, mode="cuda-graphs"), "cpu")
+    with pytest.raises(ValueError, match="unknown forward mode 'graphs'"):
+        workload(model, dict(call="forward", batch_size=2, mode="graphs"), "cpu")
+
+
+@needs_cuda
+def test_a_cuda_graph_replays_the_eager_forward(tiny_dit):
+    from fastdit.harness.worker import workload
+    model = tiny_dit().cuda()
+    eager = workload(model, dict(call="forward", batch_size=2), "cuda")()
+    replay = workload(model, dict(call="forward", batch_size=2, mode="cuda-graphs"), "cuda")
+    torch.testing.assert_close(replay(), eager)
+    torch.testing.assert_close(replay(), eager)  # every replay, on the same captured inputs

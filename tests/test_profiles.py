@@ -131,6 +131,38 @@ def test_overrides_apply_to_every_kind_of_profile(project):
                                    dataset=get_profile(spec, root).dataset) == get_profile(spec, root)
 
 
+def test_settings_set_keys_of_every_kind_of_profile_and_are_checked_like_the_file(project):
+    write(project, pyproject(BODY), "pyproject.toml")
+    smoke = ["max_train_steps=2", "train.batch_size=4", "fid_samples=8", "throughput_batch_sizes=[1, 2]",
+             "throughput_dtype=bfloat16"]
+    for spec, root in ((write(project, BODY), None), ("mydit", project), ("gpu", project)):
+        profile = get_profile(spec, root, settings=smoke)
+        assert (profile.max_train_steps, profile.train["batch_size"], profile.fid_samples,
+                profile.throughput_batch_sizes, profile.throughput_dtype) == (2, 4, 8, (1, 2), "bfloat16")
+        plain = get_profile(spec, root)
+        assert dataclasses.replace(profile, max_train_steps=None, train=plain.train, fid_samples=plain.fid_samples,
+                                   throughput_batch_sizes=plain.throughput_batch_sizes,
+                                   throughput_dtype=plain.throughput_dtype) == plain
+    gpu = get_profile("gpu", settings=["dataset=digits", "train.steps=3"])
+    assert gpu.dataset == "digits" and gpu.train["steps"] == 3 and get_profile("gpu").train["steps"] == 4000
+    for bad, match in [("fid_samples=[1]", "key fid_samples: expected an integer, got an array"),
+                       ("fid_sample=8", "did you mean 'fid_samples'"),
+                       ("train.stepz=2", "key train.stepz: unknown key"),
+                       ("throughput_dtype=int8", "expected one of float32, bfloat16, float16"),
+                       ("fid_samples", "expected KEY=VALUE"), ("fid_samples.x=1", "fid_samples is not a table")]:
+        with pytest.raises(ProfileError, match=re.escape(match)):
+            get_profile("gpu", settings=[bad])
+
+
+def test_max_train_steps_caps_every_training(project):
+    gpu = get_profile("gpu", settings=["max_train_steps=3"])
+    zoo = gpu.train_config("DiT-S/2")
+    assert (zoo.steps, zoo.warmup_steps, zoo.batch_size) == (3, 2, 256)
+    assert gpu.train_config("DiT-S/2", reference=False, steps=200).steps == 3  # a technique's own steps too
+    assert gpu.train_config("DiT-S/2", reference=False, steps=2).steps == 2
+    assert get_profile("gpu").train_config("DiT-S/2").steps == 4000
+
+
 # ----------------------------------------------------------------------------------------------------- built-ins
 
 BUILTINS = {
@@ -140,7 +172,8 @@ BUILTINS = {
         variants=("DiT-mS/2", "DiT-mS/4", "DiT-mXS/2", "DiT-mXS/4"), dataset="fashion-mnist", image_size=16,
         resize="resize", train=dict(steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, seed=0),
         sampler="ddim", sampling_steps=25, cfg_scale=1.0, guided_channels=None, clip_denoised=True, fid_samples=1000,
-        evaluator="domain", throughput_batch_sizes=(1, 64), quick_variants=("DiT-mS/4",), zoo="committed",
+        evaluator="domain", throughput_batch_sizes=(1, 64), throughput_dtype="float32", paper_batch_sizes=(8,),
+        max_train_steps=None, quick_variants=("DiT-mS/4",), zoo="committed",
         checkpoints={}, sample_batch_size=250, eta=0.0, num_timesteps=1000,
         paper_shape=dict(input_size=32, in_channels=4, num_classes=200), source=None),
     "gpu": dict(
@@ -150,7 +183,8 @@ BUILTINS = {
         resize="pad", train=dict(steps=4000, batch_size=256, lr=3e-4, warmup_steps=200, ema_decay=0.9995, seed=0,
                                  mixed_precision="bf16"),
         sampler="ddpm", sampling_steps=250, cfg_scale=1.0, guided_channels=None, clip_denoised=True,
-        fid_samples=10_000, evaluator="inception", throughput_batch_sizes=(1, 64, 256), quick_variants=("DiT-S/2",),
+        fid_samples=10_000, evaluator="inception", throughput_batch_sizes=(1, 64, 256), throughput_dtype="bfloat16",
+        paper_batch_sizes=(64, 256), max_train_steps=None, quick_variants=("DiT-S/2",),
         zoo="cache", checkpoints={}, sample_batch_size=500, eta=0.0, num_timesteps=1000,
         paper_shape=dict(input_size=32, in_channels=4, num_classes=200), source=None),
     "paper": dict(
@@ -160,7 +194,8 @@ BUILTINS = {
         train=dict(steps=200_000, batch_size=256, lr=1e-4, ema_decay=0.9999, seed=0, mixed_precision="fp16",
                    grad_checkpointing=True),
         sampler="ddpm", sampling_steps=250, cfg_scale=4.0, guided_channels=3, clip_denoised=False,
-        fid_samples=10_000, evaluator="inception", throughput_batch_sizes=(1, 64, 256), quick_variants=("DiT-S/2",),
+        fid_samples=10_000, evaluator="inception", throughput_batch_sizes=(1, 64, 256), throughput_dtype="float32",
+        paper_batch_sizes=(8,), max_train_steps=None, quick_variants=("DiT-S/2",),
         zoo="cache", checkpoints={}, sample_batch_size=250, eta=0.0, num_timesteps=1000,
         paper_shape=dict(input_size=32, in_channels=4, num_classes=200), source=None),
 }
@@ -190,6 +225,8 @@ sampling_steps = 250
 fid_samples = 10_000
 evaluator = "inception"
 throughput_batch_sizes = [1, 64, 256]
+throughput_dtype = "bfloat16"
+paper_batch_sizes = [64, 256]
 sample_batch_size = 500
 
 [train]

@@ -54,6 +54,10 @@ def pytest_addoption(parser):
                      "(changes the protocol: no baseline matches)")
     g.addoption("--fid-samples", dest="fastdit_fid_samples", type=int, default=None, metavar="N",
                 help="override the profile's sample count for FID (changes the protocol: no baseline matches)")
+    g.addoption("--set", dest="fastdit_settings", action="append", default=[], metavar="KEY=VALUE",
+                help="set a key of the profile's table for this run (repeatable; a TOML value): train.steps=2, "
+                     "max_train_steps=2, fid_samples=8, sampling_steps=4, throughput_batch_sizes=[1,2]; recorded in "
+                     "every row's protocol, so no baseline of the plain profile matches")
     g.addoption("--calibration-seeds", dest="fastdit_calibration_seeds", type=int, default=3, metavar="K",
                 help="seeds sampled per quality row when recording baselines, to calibrate the noise (default 3); "
                      "1 records no spread, and the quality rows are then gated by their 5%% floor alone")
@@ -305,6 +309,7 @@ def pytest_testnodedown(node, error):
 
 def pytest_generate_tests(metafunc):
     """`variant` fixtures take the profile's variants: all of them with --tier full, else the quick ones.
+    `throughput_batch` and `paper_batch` fixtures take the profile's throughput_batch_sizes and paper_batch_sizes.
     `setting` fixtures take the module's SETTINGS; those not in its QUICK list are marked full-tier only, and named
     by the module's SETTING_ID (default: the technique stack's id).
 
@@ -314,12 +319,12 @@ def pytest_generate_tests(metafunc):
     names = metafunc.fixturenames
     wants_variant = "variant" in names and not _parametrized(metafunc, "variant")
     wants_setting = "setting" in names and not _parametrized(metafunc, "setting")
+    if wants_variant or any(name in names and not _parametrized(metafunc, name) for name in BATCHES):
+        profile = _profile(config)
+    for name, field in BATCHES.items():
+        if name in names and not _parametrized(metafunc, name):
+            metafunc.parametrize(name, getattr(profile, field), ids=lambda b: f"batch{b}")
     if wants_variant:
-        from ..profiles import default_profile, get_profile
-        try:
-            profile = get_profile(config.getoption("fastdit_profile") or default_profile(), root=config.rootpath)
-        except ValueError as err:
-            raise pytest.UsageError(str(err)) from None
         full = config.getoption("fastdit_tier") == "full"
         quick_variants = profile.quick_variants
         variants = [v for v in profile.variants if full or v in quick_variants]
@@ -343,6 +348,20 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("variant", tiered(variants, quick_variants))
     if wants_setting:
         metafunc.parametrize("setting", tiered(settings, quick, id=setting_id))
+
+
+# Fixtures that take a batch size list of the profile: one test per batch, its id "batch<b>".
+BATCHES = {"throughput_batch": "throughput_batch_sizes", "paper_batch": "paper_batch_sizes"}
+
+
+def _profile(config):
+    """The run's profile at collection time (--profile and --set), as the Bench will build it."""
+    from ..profiles import default_profile, get_profile
+    try:
+        return get_profile(config.getoption("fastdit_profile") or default_profile(), root=config.rootpath,
+                           settings=config.getoption("fastdit_settings"))
+    except ValueError as err:
+        raise pytest.UsageError(str(err)) from None
 
 
 def _parametrized(metafunc, name):

@@ -20,6 +20,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dataclasses import fields as dataclass_fields
+
 import numpy as np
 import pytest
 import torch
@@ -114,12 +116,17 @@ class Bench:
             overrides["fid_samples"] = opt("fastdit_fid_samples")
         if opt("fastdit_dataset"):
             overrides["dataset"] = opt("fastdit_dataset")
-        self.overrides = overrides
         self.rootpath = Path(config.rootpath)
+        self.settings = list(opt("fastdit_settings") or [])
+        spec = opt("fastdit_profile") or default_profile()
         try:  # a profile's name may be a [tool.fastdit.profiles.<name>] table of the project's pyproject.toml
-            self.profile = get_profile(opt("fastdit_profile") or default_profile(), root=self.rootpath, **overrides)
+            self.profile = get_profile(spec, root=self.rootpath, settings=self.settings, **overrides)
+            plain = get_profile(spec, root=self.rootpath)
         except ValueError as err:  # a ProfileError too: it names the file, the key and what is expected
             raise SetupError(str(err)) from None
+        # What --set and the overriding options changed, as Profile fields: the base revision builds the same.
+        self.overrides = {f.name: getattr(self.profile, f.name) for f in dataclass_fields(self.profile)
+                          if getattr(self.profile, f.name) != getattr(plain, f.name)}
         self._require_inputs()
         self.tier = opt("fastdit_tier")
         self.update = opt("fastdit_update_baselines")
@@ -189,14 +196,19 @@ class Bench:
                                                                     path=str(Path(info["path"]).resolve())))
         return copy.deepcopy(self._references[variant, device])
 
-    def paper_model(self, variant: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    def paper_model(self, variant: str, seed: int = 0, dtype: str = "float32", **overrides) -> torch.nn.Module:
         """The paper-scale model (the profile's paper_shape: 32x32x4 latents, 200 classes), seeded random weights:
-        enough for cost and speed. `overrides` change the architecture (create_model's keywords)."""
+        enough for cost and speed, in `dtype` (weights and buffers; its inputs follow). `overrides` change the
+        architecture (create_model's keywords)."""
         from ..models import create_model
         torch.manual_seed(seed)
         kwargs = dict(self.profile.paper_shape, **overrides)
-        model = create_model(variant, **kwargs).to(self.device).eval()
-        return _origin(model, dict(kind="paper", variant=variant, seed=seed, kwargs=kwargs))
+        from .worker import in_dtype
+        model = in_dtype(create_model(variant, **kwargs).to(self.device), dtype).eval()
+        origin = dict(kind="paper", variant=variant, seed=seed, kwargs=kwargs)
+        if dtype != "float32":
+            origin["dtype"] = dtype
+        return _origin(model, origin)
 
     def context(self, variant: str) -> techniques.Context:
         return techniques.Context(device=self.device, profile=self.profile, variant=variant)
@@ -237,6 +249,8 @@ class Bench:
                 base["checkpoint_sha256"] = checkpoint_digest(p.checkpoints[variant].path)
         else:
             base.update(p.paper_shape)
+        if self.settings:  # a run with --set measures another profile: no baseline of the plain one matches
+            base["settings"] = " ".join(self.settings)
         base.update(fields)
         if scale == "zoo" and (base["sampler"], base["steps"]) != (p.sampler, p.sampling_steps):
             base["chain"] = f"{base['sampler']} {base['steps']} steps"  # not the profile's chain: a row of its own
@@ -547,6 +561,33 @@ class Bench:
                                           extra=dict(gated=self.gate_times,
                                                      base=self._against_base(base, fns, timings, rounds, threads,
                                                                              model, work)))]
+
+    def throughput(self, model: torch.nn.Module, protocol: dict, batch_size: int = 1, mode: str = "eager",
+                   rounds: int = 30, threads: int = 1) -> list[Measurement]:
+        """Forwards/s of `model` at `batch_size` run as `mode` (worker.MODES: eager, compile, cuda-graphs): the
+        median and IQR of per-call times after warm-up (CUDA events on a GPU, one pinned thread on a CPU), an absolute
+        rate gated on this very machine or against the base. A mode other than eager is timed interleaved with the
+        same model eager, and that ratio ("speedup_over_eager") is gated on the same hardware."""
+        work = dict(call="forward", batch_size=batch_size, mode=mode)
+        threads = self._threads(threads)
+        rounds = self._timing_rounds(rounds)
+        base = self._base_side(model, work, threads)
+        fns = {"forward": workload(model, work, self.device)}
+        eager = {} if mode == "eager" else \
+            {"reference": workload(model, dict(work, mode="eager"), self.device)}
+        timings = self._time(dict(eager, **fns), base, rounds, threads)
+        t = timings["forward"]
+        protocol = dict(protocol, mode=mode, batch_size=batch_size, threads=threads or torch.get_num_threads())
+        out = []
+        if eager:
+            out.append(Measurement.speedup("speedup_over_eager", cost.speedup(timings["reference"], t), protocol,
+                                           extra=dict(timing=t.samples, reference_timing=timings["reference"].samples)))
+        out.append(Measurement.absolute_time("forwards_per_s", 1 / t.median_s, "forwards/s", protocol,
+                                             noise=t.iqr_s / t.median_s ** 2, direction="higher",
+                                             extra=dict(timing=t.samples, gated=self.gate_times,
+                                                        base=self._against_base(base, fns, timings, rounds, threads,
+                                                                                model, work))))
+        return out
 
     def speedup(self, reference: torch.nn.Module, candidate: torch.nn.Module, protocol: dict, batch_size: int = 1,
                 rounds: int = 15, threads: int = 1, name: str = "forward") -> list[Measurement]:

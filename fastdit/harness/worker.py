@@ -30,13 +30,13 @@ import torch
 
 def workload(model, work, device):
     """A no-argument callable that runs `work` once on `model` under inference_mode:
-    forward (batch_size), block (part "attention" or "mlp" of block 0, on the seeded tokens) or sample (the full
-    sampling chain: batch_size, steps, sampler and its options)."""
+    forward (batch_size; mode "eager", "compile" or "cuda-graphs"), block (part "attention" or "mlp" of block 0, on
+    the seeded tokens) or sample (the full sampling chain: batch_size, steps, sampler and its options)."""
     call = work["call"]
     if call == "forward":
         from fastdit.metrics.flops import example_inputs
         x, t, y = example_inputs(getattr(model, "_orig_mod", model), work["batch_size"], device)
-        return _inference(lambda: model(x, t, y))
+        return _forward(model, (x, t, y), work.get("mode", "eager"), device)
     if call == "block":
         net = getattr(model, "_orig_mod", model)
         block = net.blocks[work.get("block", 0)]
@@ -55,6 +55,62 @@ def workload(model, work, device):
             raise NotInBase(f"the base has no sampler {options['sampler']!r}")
         return _inference(lambda: generate(model, diffusion, range(batch), batch_size=batch, device=device, **options))
     raise ValueError(f"unknown workload {call!r}")
+
+
+def in_dtype(model, dtype):
+    """The model with its weights and buffers in `dtype` ("bfloat16", ...), run end to end in it: the timestep
+    frequencies, which the embedder computes in fp32 (bf16 would round t * f), enter its MLP in the weights' dtype.
+    A hook, not a change of the model's code, so that fp32 models (and the trainings keyed on that code) stay as
+    they are."""
+    if dtype == "float32":
+        return model
+    model = model.to(getattr(torch, dtype))
+    mlp = getattr(getattr(model, "t_embedder", None), "mlp", None)
+    if mlp is not None:
+        mlp.register_forward_pre_hook(_to_weight_dtype)
+    return model
+
+
+def _to_weight_dtype(module, args):
+    weight = getattr(module[0], "weight", None)  # a quantized Linear may keep its weight behind a method
+    if isinstance(weight, torch.Tensor) and args[0].dtype != weight.dtype:
+        return (args[0].to(weight.dtype),) + args[1:]
+    return None
+
+
+MODES = ("eager", "compile", "cuda-graphs")  # how a forward runs: as written, torch.compile'd, replayed as a CUDA graph
+
+
+def _forward(model, inputs, mode, device):
+    if mode == "eager":
+        return _inference(lambda: model(*inputs))
+    if mode == "compile":
+        compiled = torch.compile(model)  # the first calls (the caller's warm-up) pay the compilation
+        return _inference(lambda: compiled(*inputs))
+    if mode == "cuda-graphs":
+        return _graphed(lambda: model(*inputs), device)
+    raise ValueError(f"unknown forward mode {mode!r}; use one of {', '.join(MODES)}")
+
+
+def _graphed(fn, device):
+    """fn captured once as a CUDA graph on its fixed input tensors; each call replays it: one launch for the whole
+    forward, so batch-1 speed is the kernels' and not the Python and launch overhead between them."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device!r}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(3):  # lazy initialisation (cuBLAS handles and workspaces) must happen outside the capture
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
 
 
 def _inference(fn):
@@ -94,6 +150,7 @@ def build(spec):
     else:
         torch.manual_seed(origin.get("seed", 0))
         model = models.create_model(origin["variant"], **origin.get("kwargs", {})).to(device)
+        model = in_dtype(model, origin.get("dtype", "float32"))
     model.eval()
     note = "head's starting weights"
     if spec.get("stack"):

@@ -59,13 +59,16 @@ def flop_analysis(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> FlopCou
 
 def example_inputs(model: nn.Module, batch_size: int = 1,
                    device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded (x, t, y) shaped for `model`: the profiler input of arXiv 2509.17894 (t < 500, random label)."""
+    """Seeded (x, t, y) shaped for `model`: the profiler input of arXiv 2509.17894 (t < 500, random label); x in
+    the dtype of the model's weights (a bfloat16 model takes bfloat16 latents)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, model.in_channels, model.input_size, model.input_size, generator=g)
     t = torch.randint(0, 500, (batch_size,), generator=g)
     y = torch.randint(0, model.num_classes, (batch_size,), generator=g)
-    device = device or next(model.parameters()).device
-    return x.to(device), t.to(device), y.to(device)
+    weight = next(model.parameters())
+    device = device or weight.device
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return x.to(device, dtype), t.to(device), y.to(device)
 
 
 @torch.no_grad()
