@@ -138,9 +138,9 @@ def test_paper_scale(bench, paper_setting, mode):
        cfg=st.sampled_from([1.0, 3.0]))
 def test_invariants(bench_session, variant, technique, n, seed, cfg):
     """On the trained model, for any cache setting, batch and seed: the counted full evaluations equal steps minus the
-    cache hits; the cached chain never computes more multiply-adds than the plain one; sample i is the same alone as
-    in its batch (up to the float rounding of other batch shapes); and interval 1 / threshold 0 reproduce the plain
-    chain bit for bit."""
+    cache hits; the cached chain never computes more multiply-adds than the same rule when it never hits; sample i is
+    the same alone as in its batch (up to the float rounding of other batch shapes); and interval 1 / threshold 0
+    reproduce the plain chain bit for bit."""
     from torch.utils.flop_counter import FlopCounterMode
     p = bench_session.profile
     reference = bench_session.reference_model(variant, device="cpu")
@@ -158,9 +158,15 @@ def test_invariants(bench_session, variant, technique, n, seed, cfg):
     stats = cache_stats(model)
     rows_per_sample = 2 if cfg > 1 else 1
     assert sum(computed) / rows_per_sample == n * p.sampling_steps - stats["hits"]
-    assert counters[0].get_total_flops() <= counters[1].get_total_flops()
-    alone = torch.cat([generate(model, diffusion, [i], batch_size=1, **kw)[0] for i in range(n)])
-    torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
     exact = StaticCache(1, technique.parts) if isinstance(technique, StaticCache) else type(technique)(0.0)
     same = bench_session.apply(bench_session.reference_model(variant, device="cpu"), exact, variant)
-    assert torch.equal(generate(same, diffusion, range(n), batch_size=n, **kw)[0], plain)
+    never = FlopCounterMode(display=False)
+    with never:
+        never_hits = generate(same, diffusion, range(n), batch_size=n, **kw)[0]
+    # Skipping never adds work: the chain computes at most what the same rule computes when it never hits (the
+    # plain chain plus the cost of deciding, a rule's extra modulation: +0.016 % over the plain chain on an
+    # untrained DiT-S/2 that the cache never skipped, which the plain chain is no bound for).
+    assert counters[0].get_total_flops() <= never.get_total_flops()
+    alone = torch.cat([generate(model, diffusion, [i], batch_size=1, **kw)[0] for i in range(n)])
+    torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
+    assert torch.equal(never_hits, plain)

@@ -13,8 +13,11 @@ same data, and alpha = 0 is the control: the plain diffusion loss, no teacher. P
 Rows: the teacher's quality; each student's FID/sFID/KID/precision/recall, its size and GMACs, its forward speedup over
 the teacher, and (informational) its FID minus its control's. A difference is only meaningful beyond the calibrated
 seed-to-seed noise stored with the baselines (and training-seed noise, which is larger, is not removed by it).
+On a profile of the paper's variants (gpu, paper) every pair runs at that scale (DiT-S/4 -> DiT-XS/4, ...), under
+the same test ids.
 """
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -67,33 +70,59 @@ def _control(setting):
                    seed=setting.seed)
 
 
+def _on_profile(bench, setting):
+    """(teacher variant, setting) at the profile's scale: the pair itself on the cpu profile; on a profile of the
+    paper's variants (gpu, paper) the same pair at that scale, DiT-mS/4 -> DiT-mXS/4 becoming DiT-S/4 -> DiT-XS/4."""
+    teacher = TEACHERS[setting.student]
+    if teacher in bench.profile.variants:
+        return teacher, setting
+    paper = _paper_scale(teacher)
+    if paper not in bench.profile.variants:
+        pytest.skip(f"the {bench.profile.name!r} profile has neither {teacher} nor {paper}, this pair's teacher")
+    return paper, dataclasses.replace(setting, student=_paper_scale(setting.student))
+
+
+def _paper_scale(name):
+    return name.replace("DiT-m", "DiT-", 1)
+
+
+def _teacher(bench, name):
+    """A teacher row's variant at the profile's scale (see _on_profile)."""
+    if name in bench.profile.variants:
+        return name
+    if _paper_scale(name) not in bench.profile.variants:
+        pytest.skip(f"the {bench.profile.name!r} profile has neither {name} nor {_paper_scale(name)}")
+    return _paper_scale(name)
+
+
 def _student(bench, setting):
-    teacher_variant = TEACHERS[setting.student]
+    teacher_variant, setting = _on_profile(bench, setting)
     teacher = bench.reference_model(teacher_variant)
     return teacher, bench.apply(teacher, setting, teacher_variant)
 
 
 def _quality(bench, setting):
-    key = stack_id(setting)
+    teacher_variant, scaled = _on_profile(bench, setting)
+    key = stack_id(scaled)
     if key not in _QUALITY:
-        teacher_variant = TEACHERS[setting.student]
         _, student = _student(bench, setting)
-        _QUALITY[key] = bench.quality(student, bench.protocol(teacher_variant, setting, student=setting.student))
+        _QUALITY[key] = bench.quality(student, bench.protocol(teacher_variant, scaled, student=scaled.student))
     return _QUALITY[key]
 
 
 @pytest.mark.parametrize("teacher", TEACHER_ROWS)
 def test_teacher(bench, teacher):
     """The teacher's quality under this module's protocol (the same figure as the reference zoo's row)."""
+    teacher = _teacher(bench, teacher)
     bench.check(bench.quality(bench.reference_model(teacher), bench.protocol(teacher, role="teacher")))
 
 
 def test_distill(bench, setting):
     """Quality, size and speed of a student trained for STEPS steps; distilled rows also report FID - control FID."""
-    teacher_variant = TEACHERS[setting.student]
+    teacher_variant, scaled = _on_profile(bench, setting)
     teacher, student = _student(bench, setting)
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
-    protocol = bench.protocol(teacher_variant, setting, student=setting.student)
+    protocol = bench.protocol(teacher_variant, scaled, student=scaled.student)
     quality = _quality(bench, setting)
     measurements = list(quality)
     control = _control(setting)
@@ -114,8 +143,10 @@ _PAIR = {}
 def _pair(bench):
     """The quick pair's real teacher (frozen) and its student at initialization (train mode), built once."""
     if not _PAIR:
-        teacher = bench.reference_model("DiT-mS/4", device="cpu").eval().requires_grad_(False)
-        student = Distill("DiT-mXS/4", mode="feature").make_student(teacher).train()  # with its projections
+        setting = Distill("DiT-mXS/4", mode="feature")
+        teacher_variant, setting = _on_profile(bench, setting)
+        teacher = bench.reference_model(teacher_variant, device="cpu").eval().requires_grad_(False)
+        student = setting.make_student(teacher).train()  # with its projections
         torch.manual_seed(0)
         with torch.no_grad():  # a trained-looking student: the fresh one outputs exactly 0 (adaLN-Zero)
             for p in student.parameters():
@@ -128,8 +159,9 @@ def _pair(bench):
 
 def _loss(fn, model, t, seed):
     g = torch.Generator().manual_seed(seed)
-    x0 = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
-    labels = torch.randint(0, 10, (8,), generator=g)
+    net = getattr(model, "net", model)  # the student wraps its network
+    x0 = torch.rand(8, net.in_channels, net.input_size, net.input_size, generator=g) * 2 - 1
+    labels = torch.randint(0, net.num_classes, (8,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     torch.manual_seed(seed)  # as the training loop does before each loss: label dropout draws from the global RNG
     return fn(model, create_diffusion(None), x0, torch.full((8,), t), labels, noise)

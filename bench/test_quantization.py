@@ -51,8 +51,8 @@ ERROR_BOUND = {"int8-dynamic-cpu": 0.05, "int8-weight-only": 0.05, "int8-dynamic
 SIZE_RATIO = {8: (0.24, 0.27), 4: (0.12, 0.15)}
 
 
-def _skip_unsupported(bench, setting):
-    reason = setting.unsupported(bench.device)
+def _skip_unsupported(bench, setting, dtype="float32"):
+    reason = setting.unsupported(bench.device, getattr(torch, dtype))
     if reason:
         pytest.skip(reason)
 
@@ -77,8 +77,8 @@ def _size(model, reference, protocol, setting):
 def test_paper_scale(bench, setting, paper_batch):
     """DiT-S/2 at the paper's scale, in the profile's throughput dtype: size and its ratio to fp32, peak memory and
     the speed ratio to the unquantized model at each of the profile's paper batches (one thread on a CPU)."""
-    _skip_unsupported(bench, setting)
     dtype = bench.profile.throughput_dtype
+    _skip_unsupported(bench, setting, dtype)
     reference = bench.paper_model(PAPER_VARIANT, dtype=dtype)
     model = bench.apply(bench.paper_model(PAPER_VARIANT, dtype=dtype), setting, PAPER_VARIANT)
     protocol = bench.protocol(PAPER_VARIANT, setting, scale="paper", dtype=dtype,

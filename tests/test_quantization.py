@@ -48,6 +48,9 @@ def test_cuda_schemes_say_why_they_cannot_run_on_cpu(tiny_dit):
     assert "needs a CUDA GPU" in Quantize("int4-weight-only").unsupported("cpu")
     assert Quantize("int8-dynamic-cpu").unsupported("cpu") == ""
     assert "use int8-dynamic" in q.unsupported("int8-dynamic-cpu", "cuda")
+    assert "fp32 models only" in Quantize("int8-dynamic-cpu").unsupported("cpu", torch.bfloat16)
+    with pytest.raises(RuntimeError, match="fp32 models only"):
+        Quantize("int8-dynamic-cpu").apply(tiny_dit().bfloat16())
     with pytest.raises(RuntimeError, match=r"quantize\[scheme=fp8-dynamic.*needs a CUDA GPU"):
         Quantize("fp8-dynamic").apply(tiny_dit())
 

@@ -82,13 +82,13 @@ class Quantize(Technique):
         if self.layers not in LAYERS:
             raise ValueError(f"unknown layer choice {self.layers!r}; use one of {', '.join(LAYERS)}")
 
-    def unsupported(self, device):
-        """Why this scheme cannot run on `device` ("" when it can): a clear reason to skip a test with."""
-        return unsupported(self.scheme, device)
+    def unsupported(self, device, dtype=torch.float32):
+        """Why this scheme cannot run on `device` for a model in `dtype` ("" when it can): a reason to skip with."""
+        return unsupported(self.scheme, device, dtype)
 
     def apply(self, model, context=None):
-        device = str(next(model.parameters()).device)
-        reason = self.unsupported(device)
+        weight = next(model.parameters())
+        reason = self.unsupported(str(weight.device), weight.dtype)
         if reason:
             raise RuntimeError(f"{self.id}: {reason}")
         model.eval()
@@ -106,11 +106,13 @@ class Quantize(Technique):
         return SCHEME_LABELS[self.scheme] + layers + (", compiled" if self.compile else "")
 
 
-def unsupported(scheme, device):
+def unsupported(scheme, device, dtype=torch.float32):
     kind, capability = REQUIRES[scheme]
     device = torch.device(device)
     if kind == "cpu" and device.type != "cpu":
         return f"{scheme} uses PyTorch's CPU int8 kernels (fbgemm/oneDNN); on {device.type} use int8-dynamic"
+    if kind == "cpu" and dtype != torch.float32:
+        return f"{scheme} (torch.ao dynamic quantization) quantizes fp32 models only; this one is {dtype}"
     if kind == "cuda":
         if device.type != "cuda":
             return f"{scheme} needs a CUDA GPU (its kernels exist only there); this run is on {device.type}"
