@@ -228,7 +228,7 @@ def test_a_domain_evaluator_of_ones_own_data_is_a_file_the_profile_names(tmp_pat
                                                          "[variants.ours-s]"))
     profile = get_profile(tmp_path / "profile.toml")
     assert profile.evaluator == f"domain:{path}"
-    protocol = Bench.protocol(SimpleNamespace(profile=profile, machine={"device": "cpu"}), "ours-s")
+    protocol = Bench.protocol(SimpleNamespace(profile=profile, machine={"device": "cpu"}, settings=[]), "ours-s")
     assert protocol["evaluator"] == "domain:evaluators/ours.pt" and protocol["dataset"] == "folder:data/train"
     assert protocol["evaluator_sha256"] == sha256_file(path)
 
